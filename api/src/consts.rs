@@ -1,0 +1,32 @@
+//! Default ports and names, shared so that every binary and the chart agree.
+
+/// API group of every Ferry resource.
+pub const GROUP: &str = "ferry.dev";
+/// API version of every Ferry resource.
+pub const VERSION: &str = "v1alpha1";
+/// `kubectl get ferry` lists every Ferry resource.
+pub const CATEGORY: &str = "ferry";
+
+/// App gRPC API, loopback only.
+pub const APP_GRPC_PORT: u16 = 7700;
+/// App HTTP/JSON API, loopback only.
+pub const APP_HTTP_PORT: u16 = 7701;
+/// Sidecar-to-sidecar gRPC, on the pod IP.
+pub const PEER_GRPC_PORT: u16 = 7710;
+/// Sidecar admin: metrics, health, readiness.
+pub const SIDECAR_ADMIN_PORT: u16 = 7790;
+/// Operator metrics and health.
+pub const OPERATOR_METRICS_PORT: u16 = 8080;
+/// Operator's sidecar-injection webhook.
+pub const WEBHOOK_PORT: u16 = 8443;
+
+/// Prefix of every environment variable the binaries read.
+pub const ENV_PREFIX: &str = "FERRY_";
+/// Pod annotation that asks for sidecar injection.
+pub const INJECT_ANNOTATION: &str = "ferry.dev/inject";
+/// Node label that gives a member its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Finalizer the operator puts on every Ferry resource.
+pub const FINALIZER: &str = "ferry.dev/routing-table";
+/// Field manager the operator uses for server-side apply.
+pub const FIELD_MANAGER: &str = "ferry-operator";

@@ -1,0 +1,20 @@
+//! Ferry's shared contracts, used by the operator, the sidecar and `ferryctl` alike.
+//!
+//! Layout:
+//! - [`crd`]: the custom resources (`Topic`, `ConsumerGroup`, `Subscription`) in API group
+//!   `ferry.dev/v1alpha1`, with their schemas, defaults and CEL rules;
+//! - [`duration`]: the Go-style durations (`30s`, `1m30s`) that the CRDs use, parsed the way
+//!   the API server's CEL `duration()` parses them;
+//! - [`quantity`]: byte sizes written as Kubernetes quantities (`512Mi`, `1G`);
+//! - [`consts`]: default ports, names and environment prefixes;
+//! - [`routing`]: the routing table in etcd (keys, versioned values) and in memory;
+//! - [`manifest`]: reading CR YAML files (the same files `kubectl apply` takes).
+
+pub mod consts;
+pub mod crd;
+pub mod duration;
+pub mod manifest;
+pub mod quantity;
+pub mod routing;
+
+pub use crd::{ConsumerGroup, Subscription, Topic};

@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("ferry-operator: the reconcilers are not built yet")
+}

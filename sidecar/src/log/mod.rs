@@ -1,0 +1,152 @@
+//! The sidecar's local log: one segmented, append-only log per topic.
+//!
+//! Layout of this module:
+//! - `record.rs`: the on-disk record format (length, CRC-32C, encoded message).
+//! - `segment.rs`: `ActiveSegment` (appendable) and `SealedSegment` (read-only), each with an
+//!   offset index.
+//! - `disk.rs`: `DiskLog`, the segmented implementation with recovery and retention.
+//! - `memory.rs`: `MemoryLog`, for `Memory` topics and unit tests.
+//! - `settlement.rs`: per-subscription settlement state that survives restarts.
+//!
+//! Offsets: every record gets a dense, increasing `Offset`. Three positions matter and are
+//! kept apart on purpose: `written` (appended, perhaps only in the page cache), `durable`
+//! (covered by an fsync, so the producer may be acked) and `acknowledged` (settled by every
+//! subscription, so the segment holding it may be deleted).
+
+use std::ops::Range;
+
+mod memory;
+pub mod record;
+mod settlement;
+
+pub use memory::{MemoryLog, MemoryRetention};
+pub use settlement::Settlements;
+
+pub type Offset = u64;
+
+/// A stored message as the log sees it: everything needed to deliver it again after a
+/// restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub id: String,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub payload: bytes::Bytes,
+    /// Publish time, milliseconds since the Unix epoch (informational; never used for timers).
+    pub publish_time_ms: u64,
+    /// Per-key sequence number for ordered topics, 0 otherwise.
+    pub key_sequence: u64,
+    /// Time-to-live in milliseconds from publish, 0 = none.
+    pub ttl_ms: u64,
+    /// Delay before first delivery in milliseconds, 0 = none.
+    pub delay_ms: u64,
+}
+
+/// What happened to a message for one subscription, recorded durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The consuming app acked it.
+    Acked,
+    /// Moved to the dead-letter topic after `maxDeliveries`.
+    DeadLettered,
+    /// Dropped (AtMostOnce delivery attempted, TTL expired with no dead-letter topic, ...).
+    Dropped,
+}
+
+/// Errors of the log, named for what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("log I/O failed during {op} on {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backlog full: {limit} (undelivered {current} bytes)")]
+    BacklogFull { limit: String, current: u64 },
+    #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
+    RecordTooLarge { size: usize, limit: usize },
+    #[error("offset {offset} is not in the log (first {first}, next {next})")]
+    OffsetOutOfRange {
+        offset: Offset,
+        first: Offset,
+        next: Offset,
+    },
+    #[error("corrupt record at {path}:{position}: {reason}")]
+    Corrupt {
+        path: std::path::PathBuf,
+        position: u64,
+        reason: String,
+    },
+    #[error("subscription {subscription:?} is not registered with this log")]
+    UnknownSubscription { subscription: String },
+    #[error("the log was abandoned after an earlier fsync failure; restart to recover")]
+    Poisoned,
+}
+
+/// A topic's log. Synchronous on purpose: callers run it on a dedicated blocking thread and
+/// batch appends so that one `sync` (fsync) covers many messages (group commit).
+pub trait Log: Send + std::fmt::Debug {
+    /// Appends records; they are `written` but not necessarily durable. Returns their offsets.
+    fn append(&mut self, messages: &[StoredMessage]) -> Result<Range<Offset>, LogError>;
+    /// Makes everything written so far durable (fsync). A no-op for memory logs.
+    fn sync(&mut self) -> Result<(), LogError>;
+    /// Reads up to `max` records starting at `from` (inclusive), skipping settled gaps.
+    fn read(&self, from: Offset, max: usize) -> Result<Vec<(Offset, StoredMessage)>, LogError>;
+    /// Records that `subscription` settled `offset`. Durable at the next `sync`.
+    fn settle(
+        &mut self,
+        subscription: &str,
+        offset: Offset,
+        how: Settlement,
+    ) -> Result<(), LogError>;
+    /// Whether `subscription` has settled `offset`.
+    fn is_settled(&self, subscription: &str, offset: Offset) -> bool;
+    /// Registers the subscriptions that must settle every record; segments are kept until all
+    /// of them have.
+    fn set_subscriptions(&mut self, subscriptions: &[String]) -> Result<(), LogError>;
+    /// Deletes sealed segments that every subscription has settled. Returns bytes freed.
+    fn compact(&mut self) -> Result<u64, LogError>;
+    /// Next offset to be written.
+    fn written(&self) -> Offset;
+    /// Everything below this offset is durable.
+    fn durable(&self) -> Offset;
+    /// Everything below this offset is settled by every subscription.
+    fn acknowledged(&self) -> Offset;
+    /// Bytes of records not yet settled by every subscription (the backlog).
+    fn backlog_bytes(&self) -> u64;
+    /// Oldest offset still stored; reads from below it start here.
+    fn first(&self) -> Offset;
+    /// Every offset below the returned one is settled by `subscription`; `None` if it is not
+    /// registered. After a restart, a subscription resumes reading here.
+    fn cursor(&self, subscription: &str) -> Option<Offset>;
+    /// Offsets the log knows it lost (corrupt records found by recovery or on read). They
+    /// are never returned by `read`, count as settled, and are reported, never hidden.
+    fn lost(&self) -> Vec<Range<Offset>> {
+        Vec::new()
+    }
+    /// Records dropped unsettled by retention (`Memory` topics that drop the oldest).
+    fn dropped(&self) -> u64 {
+        0
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::StoredMessage;
+
+    /// A small test message whose size does not depend on `i`'s value below 10.
+    pub(crate) fn msg(i: u64) -> StoredMessage {
+        StoredMessage {
+            id: format!("m{i:08}"),
+            key: Some("k".into()),
+            headers: vec![("h".into(), "v".into())],
+            payload: bytes::Bytes::from(format!("payload-{i:08}")),
+            publish_time_ms: i,
+            key_sequence: 0,
+            ttl_ms: 0,
+            delay_ms: 0,
+        }
+    }
+}
