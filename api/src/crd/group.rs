@@ -14,6 +14,7 @@ use super::common::Condition;
     group = "ferry.dev",
     version = "v1alpha1",
     kind = "ConsumerGroup",
+    doc = "A set of pods, chosen by a label selector, that consume messages together.",
     namespaced,
     status = "ConsumerGroupStatus",
     shortname = "fcg",

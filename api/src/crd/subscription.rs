@@ -15,6 +15,7 @@ use super::common::ResourceStatus;
     group = "ferry.dev",
     version = "v1alpha1",
     kind = "Subscription",
+    doc = "Binds a ConsumerGroup to a Topic, with its delivery guarantee and retry policy.",
     namespaced,
     status = "ResourceStatus",
     shortname = "fsub",

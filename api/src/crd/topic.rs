@@ -13,6 +13,7 @@ use super::common::ResourceStatus;
     group = "ferry.dev",
     version = "v1alpha1",
     kind = "Topic",
+    doc = "A named stream of messages that every subscribed consumer group receives.",
     namespaced,
     status = "ResourceStatus",
     shortname = "ftopic",
