@@ -49,7 +49,10 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             _ => return Err(err("unknown unit")),
         };
         let (int_part, frac_part) = num.split_once('.').unwrap_or((num, ""));
-        if int_part.is_empty() || frac_part.contains('.') || (num.contains('.') && frac_part.is_empty()) {
+        if int_part.is_empty()
+            || frac_part.contains('.')
+            || (num.contains('.') && frac_part.is_empty())
+        {
             return Err(err("malformed number"));
         }
         let int: u128 = int_part.parse().map_err(|_| err("number too large"))?;
@@ -59,7 +62,9 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             frac_scale /= 10;
             nanos += u128::from(digit - b'0') * frac_scale;
         }
-        total_nanos = total_nanos.checked_add(nanos).ok_or_else(|| err("too large"))?;
+        total_nanos = total_nanos
+            .checked_add(nanos)
+            .ok_or_else(|| err("too large"))?;
         rest = tail;
     }
     let secs = u64::try_from(total_nanos / 1_000_000_000).map_err(|_| err("too large"))?;

@@ -43,7 +43,9 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
         _ => return Err(err("unknown suffix")),
     };
     let value: u64 = num.parse().map_err(|_| err("number too large"))?;
-    value.checked_mul(multiplier).ok_or_else(|| err("too large"))
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| err("too large"))
 }
 
 #[cfg(test)]

@@ -22,8 +22,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{
-    Balancing, ConsumerGroup, Delivery, Durability, Ordering, Qos, Subscription, Topic,
-    ZonePolicy,
+    Balancing, ConsumerGroup, Delivery, Durability, Ordering, Qos, Subscription, Topic, ZonePolicy,
 };
 
 /// Prefix of every routing-table key in etcd.
@@ -139,7 +138,9 @@ impl RoutingTable {
         &'a self,
         topic: &'a str,
     ) -> impl Iterator<Item = &'a SubscriptionEntry> + 'a {
-        self.subscriptions.values().filter(move |s| s.topic == topic)
+        self.subscriptions
+            .values()
+            .filter(move |s| s.topic == topic)
     }
 
     /// The ready members of a group (`namespace/name`).
@@ -171,7 +172,10 @@ impl RoutingTable {
         }
         for members in self.members.values() {
             for m in members.values() {
-                put(member_key(&m.namespace, &m.group, &m.pod), serde_json::to_string(m));
+                put(
+                    member_key(&m.namespace, &m.group, &m.pod),
+                    serde_json::to_string(m),
+                );
             }
         }
         kv
@@ -179,8 +183,12 @@ impl RoutingTable {
 
     /// Applies one etcd key/value (`value = None` for a delete) to the table.
     pub fn apply_kv(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), TableError> {
-        let rest = key.strip_prefix(PREFIX).ok_or_else(|| TableError::UnknownKey(key.into()))?;
-        let (kind, path) = rest.split_once('/').ok_or_else(|| TableError::UnknownKey(key.into()))?;
+        let rest = key
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| TableError::UnknownKey(key.into()))?;
+        let (kind, path) = rest
+            .split_once('/')
+            .ok_or_else(|| TableError::UnknownKey(key.into()))?;
         fn decode<T: serde::de::DeserializeOwned + HasSchemaVersion>(
             key: &str,
             bytes: &[u8],
@@ -223,11 +231,16 @@ impl RoutingTable {
                 }
             },
             "members" => {
-                let (group, pod) = path.rsplit_once('/').ok_or_else(|| TableError::UnknownKey(key.into()))?;
+                let (group, pod) = path
+                    .rsplit_once('/')
+                    .ok_or_else(|| TableError::UnknownKey(key.into()))?;
                 match value {
                     Some(v) => {
                         let m: MemberEntry = decode(key, v)?;
-                        self.members.entry(group.into()).or_default().insert(pod.into(), m);
+                        self.members
+                            .entry(group.into())
+                            .or_default()
+                            .insert(pod.into(), m);
                     }
                     None => {
                         if let Some(members) = self.members.get_mut(group) {
@@ -252,7 +265,9 @@ pub enum TableError {
     UnknownKey(String),
     #[error("routing-table value at {key:?} does not decode: {message}")]
     BadValue { key: String, message: String },
-    #[error("routing-table value at {key:?} has schema version {found}, this build reads {SCHEMA_VERSION}")]
+    #[error(
+        "routing-table value at {key:?} has schema version {found}, this build reads {SCHEMA_VERSION}"
+    )]
     SchemaVersion { key: String, found: u32 },
 }
 
@@ -300,11 +315,14 @@ fn millis(object: &str, field: &'static str, value: &str) -> Result<u64, EntryEr
 }
 
 fn positive(object: &str, field: &'static str, value: i32) -> Result<u32, EntryError> {
-    u32::try_from(value).ok().filter(|v| *v > 0).ok_or_else(|| EntryError {
-        object: object.into(),
-        field,
-        message: format!("must be at least 1, got {value}"),
-    })
+    u32::try_from(value)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| EntryError {
+            object: object.into(),
+            field,
+            message: format!("must be at least 1, got {value}"),
+        })
 }
 
 impl TopicEntry {
@@ -319,11 +337,13 @@ impl TopicEntry {
             replicas: positive(&obj, "spec.replicas", spec.replicas)?,
             ordering: spec.ordering,
             retention_max_age_ms: millis(&obj, "spec.retention.maxAge", &spec.retention.max_age)?,
-            retention_max_bytes: crate::quantity::parse_bytes(&spec.retention.max_bytes).map_err(|e| EntryError {
-                object: obj.clone(),
-                field: "spec.retention.maxBytes",
-                message: e.to_string(),
-            })?,
+            retention_max_bytes: crate::quantity::parse_bytes(&spec.retention.max_bytes).map_err(
+                |e| EntryError {
+                    object: obj.clone(),
+                    field: "spec.retention.maxBytes",
+                    message: e.to_string(),
+                },
+            )?,
             max_message_bytes: positive(&obj, "spec.maxMessageBytes", spec.max_message_bytes)?,
             dedup_window_ms: millis(&obj, "spec.dedupWindow", &spec.dedup_window)?,
             allowed_publishers: spec.allowed_publishers.clone(),
@@ -386,10 +406,17 @@ impl SubscriptionEntry {
             backoff_initial_ms: initial,
             backoff_max_ms: max,
             backoff_multiplier: spec.backoff.multiplier,
-            dead_letter_topic: spec.dead_letter_topic.as_ref().map(|t| object_ref(&namespace, t)),
+            dead_letter_topic: spec
+                .dead_letter_topic
+                .as_ref()
+                .map(|t| object_ref(&namespace, t)),
             max_in_flight: positive(&obj, "spec.maxInFlight", spec.max_in_flight)?,
             filter_key_prefix: spec.filter.as_ref().and_then(|f| f.key_prefix.clone()),
-            filter_headers: spec.filter.as_ref().map(|f| f.headers.clone()).unwrap_or_default(),
+            filter_headers: spec
+                .filter
+                .as_ref()
+                .map(|f| f.headers.clone())
+                .unwrap_or_default(),
             namespace,
             name,
         })

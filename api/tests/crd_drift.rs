@@ -31,7 +31,8 @@ fn every_schema_property_has_a_description() {
         if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
             for (name, sub) in props {
                 let here = format!("{path}.{name}");
-                let root_meta = !path.contains('.') && matches!(name.as_str(), "apiVersion" | "kind" | "metadata");
+                let root_meta = !path.contains('.')
+                    && matches!(name.as_str(), "apiVersion" | "kind" | "metadata");
                 if !root_meta && sub.get("description").is_none() {
                     missing.push(here.clone());
                 }
@@ -45,9 +46,15 @@ fn every_schema_property_has_a_description() {
     let mut missing = Vec::new();
     for crd in ferry_api::crd::all_crds() {
         let value = serde_json::to_value(&crd).expect("CRD serializes");
-        let kind = value["spec"]["names"]["kind"].as_str().unwrap_or("?").to_owned();
+        let kind = value["spec"]["names"]["kind"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
         let schema = &value["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         walk(&kind, schema, &mut missing);
     }
-    assert!(missing.is_empty(), "fields without a doc comment: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "fields without a doc comment: {missing:?}"
+    );
 }

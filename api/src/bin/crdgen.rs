@@ -25,7 +25,10 @@ fn main() -> ExitCode {
             let result = if check {
                 match std::fs::read_to_string(&path) {
                     Ok(existing) if existing == yaml => Ok(()),
-                    Ok(_) => Err(format!("{} is out of date: run `cargo run -p ferry-api --bin crdgen`", path.display())),
+                    Ok(_) => Err(format!(
+                        "{} is out of date: run `cargo run -p ferry-api --bin crdgen`",
+                        path.display()
+                    )),
                     Err(e) => Err(format!("{}: {e}", path.display())),
                 }
             } else {
@@ -40,5 +43,9 @@ fn main() -> ExitCode {
             }
         }
     }
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

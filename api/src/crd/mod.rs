@@ -11,7 +11,9 @@ mod subscription;
 mod topic;
 
 pub use common::{Condition, ResourceStatus, condition_types};
-pub use group::{Balancing, ConsumerGroup, ConsumerGroupSpec, ConsumerGroupStatus, Delivery, ZonePolicy};
+pub use group::{
+    Balancing, ConsumerGroup, ConsumerGroupSpec, ConsumerGroupStatus, Delivery, ZonePolicy,
+};
 pub use subscription::{Backoff, Filter, Qos, Subscription, SubscriptionSpec};
 pub use topic::{Durability, Ordering, Retention, Topic, TopicSpec};
 

@@ -34,7 +34,10 @@ pub struct SubscriptionSpec {
     /// The topic: `name` in this namespace, or `namespace/name` for a topic in another
     /// namespace (allowed only when that Topic lists this namespace in
     /// `allowedSubscriberNamespaces`).
-    #[schemars(regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 317))]
+    #[schemars(
+        regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 317)
+    )]
     pub topic: String,
 
     /// The ConsumerGroup, in this namespace, that receives the topic's messages.

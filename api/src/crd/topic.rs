@@ -80,7 +80,9 @@ pub struct TopicSpec {
 }
 
 /// How a message is stored before the producer is acked.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum Durability {
     Memory,
     #[default]
@@ -90,7 +92,9 @@ pub enum Durability {
 }
 
 /// Ordering guarantee of a topic.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum Ordering {
     #[default]
     None,
