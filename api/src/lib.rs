@@ -8,12 +8,15 @@
 //! - [`quantity`]: byte sizes written as Kubernetes quantities (`512Mi`, `1G`);
 //! - [`consts`]: default ports, names and environment prefixes;
 //! - [`routing`]: the routing table in etcd (keys, versioned values) and in memory;
-//! - [`manifest`]: reading CR YAML files (the same files `kubectl apply` takes).
+//! - [`manifest`]: reading CR YAML files (the same files `kubectl apply` takes);
+//! - [`proto`]: the gRPC contracts (app API `ferry.v1.App`, sidecar-to-sidecar `ferry.v1.Peer`).
 
 pub mod consts;
 pub mod crd;
 pub mod duration;
+pub mod local;
 pub mod manifest;
+pub mod proto;
 pub mod quantity;
 pub mod routing;
 

@@ -15,11 +15,23 @@
 
 use std::ops::Range;
 
+mod disk;
+mod io;
 mod memory;
 pub mod record;
+mod recovery;
+mod segment;
 mod settlement;
+mod settlement_store;
 
+#[cfg(test)]
+mod disk_tests;
+#[cfg(test)]
+mod recovery_tests;
+
+pub use disk::{DiskLog, DiskLogConfig};
 pub use memory::{MemoryLog, MemoryRetention};
+pub use recovery::{CorruptRegion, RecoveryReport, Truncation};
 pub use settlement::Settlements;
 
 pub type Offset = u64;
@@ -135,6 +147,28 @@ pub trait Log: Send + std::fmt::Debug {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::StoredMessage;
+
+    /// xorshift64*: a seeded, dependency-free generator so that randomized tests are
+    /// reproducible (each prints its seed).
+    #[derive(Debug)]
+    pub(crate) struct Rng(u64);
+
+    impl Rng {
+        pub(crate) fn new(seed: u64) -> Self {
+            Self(seed.max(1))
+        }
+
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+    }
 
     /// A small test message whose size does not depend on `i`'s value below 10.
     pub(crate) fn msg(i: u64) -> StoredMessage {
