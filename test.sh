@@ -40,6 +40,9 @@ phase() {
 }
 
 phase install kind-tests/control-plane.sh install
+# Show that the real control plane starts (the tests start their own the same way).
+cp_dir=$(mktemp -d)
+phase control-plane bash -c "kind-tests/control-plane.sh start '$cp_dir' && kind-tests/control-plane.sh stop '$cp_dir' --rm"
 phase fmt cargo fmt --all --check
 phase clippy cargo clippy "${locked[@]}" --workspace --all-targets -- -D warnings
 phase test cargo test "${locked[@]}" --workspace
