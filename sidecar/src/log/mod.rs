@@ -1,12 +1,18 @@
 //! The sidecar's local log: one segmented, append-only log per topic.
 //!
 //! Layout of this module:
-//! - `record.rs`: the on-disk record format (length, CRC-32C, encoded message).
+//! - `record.rs`: the on-disk record format (length, CRC-32C, offset, kind, body); public so
+//!   that a fuzz target can reach the decoder.
 //! - `segment.rs`: `ActiveSegment` (appendable) and `SealedSegment` (read-only), each with an
 //!   offset index.
+//! - `scan.rs`: verifying a segment's bytes and resynchronising after a corrupt region.
+//! - `recovery.rs`: opening a directory's segments: torn-tail truncation, reporting of
+//!   corruption, and the `RecoveryReport`.
 //! - `disk.rs`: `DiskLog`, the segmented implementation with recovery and retention.
 //! - `memory.rs`: `MemoryLog`, for `Memory` topics and unit tests.
-//! - `settlement.rs`: per-subscription settlement state that survives restarts.
+//! - `settlement.rs`: per-subscription settlement state (cursor + out-of-order set).
+//! - `settlement_store.rs`: the settlement file that makes that state survive restarts.
+//! - `io.rs`: I/O error context, directory fsync and failpoints (feature `failpoints`).
 //!
 //! Offsets: every record gets a dense, increasing `Offset`. Three positions matter and are
 //! kept apart on purpose: `written` (appended, perhaps only in the page cache), `durable`
@@ -20,6 +26,7 @@ mod io;
 mod memory;
 pub mod record;
 mod recovery;
+mod scan;
 mod segment;
 mod settlement;
 mod settlement_store;
@@ -104,9 +111,13 @@ pub trait Log: Send + std::fmt::Debug {
     fn append(&mut self, messages: &[StoredMessage]) -> Result<Range<Offset>, LogError>;
     /// Makes everything written so far durable (fsync). A no-op for memory logs.
     fn sync(&mut self) -> Result<(), LogError>;
-    /// Reads up to `max` records starting at `from` (inclusive), skipping settled gaps.
+    /// Reads up to `max` records starting at `from` (inclusive), skipping offsets settled by
+    /// every subscription and known-lost offsets. `from` below `first()` starts at `first()`;
+    /// `from` beyond `written()` is `OffsetOutOfRange`. Callers filter per subscription with
+    /// `is_settled`.
     fn read(&self, from: Offset, max: usize) -> Result<Vec<(Offset, StoredMessage)>, LogError>;
-    /// Records that `subscription` settled `offset`. Durable at the next `sync`.
+    /// Records that `subscription` settled `offset`. Durable at the next `sync`. Fails with
+    /// `UnknownSubscription` if it is not registered, `OffsetOutOfRange` if not yet written.
     fn settle(
         &mut self,
         subscription: &str,
@@ -116,7 +127,10 @@ pub trait Log: Send + std::fmt::Debug {
     /// Whether `subscription` has settled `offset`.
     fn is_settled(&self, subscription: &str, offset: Offset) -> bool;
     /// Registers the subscriptions that must settle every record; segments are kept until all
-    /// of them have.
+    /// of them have. Subscriptions missing from the list are removed. A newly registered
+    /// subscription starts at `acknowledged()`: it sees every record some other subscription
+    /// still holds, including those written before it existed (with no subscription at
+    /// all, nothing is acknowledged, so it sees everything still stored).
     fn set_subscriptions(&mut self, subscriptions: &[String]) -> Result<(), LogError>;
     /// Deletes sealed segments that every subscription has settled. Returns bytes freed.
     fn compact(&mut self) -> Result<u64, LogError>;
@@ -126,7 +140,9 @@ pub trait Log: Send + std::fmt::Debug {
     fn durable(&self) -> Offset;
     /// Everything below this offset is settled by every subscription.
     fn acknowledged(&self) -> Offset;
-    /// Bytes of records not yet settled by every subscription (the backlog).
+    /// Bytes of records not yet settled by every subscription (the backlog), counted from
+    /// `acknowledged()`: records settled out of order above it count until it passes them,
+    /// which matches the disk space that compaction could not yet free.
     fn backlog_bytes(&self) -> u64;
     /// Oldest offset still stored; reads from below it start here.
     fn first(&self) -> Offset;

@@ -1,0 +1,54 @@
+//! Small I/O helpers: errors with context, directory fsync, and failpoints.
+//!
+//! Failpoints (cargo feature `failpoints`, RELIABILITY row 10) sit on `log::write`,
+//! `log::fsync` and `log::rename`. The failpoint's argument, if any, is matched against the
+//! file's path, so a test can break only its own temporary directory while other tests run
+//! in parallel: `fail::cfg("log::fsync", "return(/tmp/.tmpAbC)")`. Without an argument
+//! every file fails. `sleep(ms)`/`delay(ms)` actions simulate a slow disk.
+
+use std::fs::File;
+use std::path::Path;
+
+use super::LogError;
+
+/// Builds a `LogError::Io` naming the operation and the file.
+pub fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LogError {
+    let path = path.to_path_buf();
+    move |source| LogError::Io { op, path, source }
+}
+
+/// Returns an injected error if the failpoint `name` is configured for `path`.
+#[cfg(feature = "failpoints")]
+pub fn failpoint(name: &str, path: &Path) -> std::io::Result<()> {
+    fail::fail_point!(name, |arg: Option<String>| {
+        match arg {
+            Some(filter) if !path.to_string_lossy().contains(filter.as_str()) => Ok(()),
+            _ => Err(std::io::Error::other(format!(
+                "failpoint {name} injected an error"
+            ))),
+        }
+    });
+    Ok(())
+}
+
+/// Failpoints are compiled out without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn failpoint(_name: &str, _path: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// `fdatasync`, behind the `log::fsync` failpoint.
+pub fn sync_data(file: &File, path: &Path) -> Result<(), LogError> {
+    failpoint("log::fsync", path)
+        .and_then(|()| file.sync_data())
+        .map_err(io_err("fsync", path))
+}
+
+/// Makes file creations, renames and deletions in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    failpoint("log::fsync", dir)
+        .and_then(|()| File::open(dir))
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
