@@ -1,3 +1,41 @@
-fn main() -> anyhow::Result<()> {
+//! `ferry-sidecar`: parses flags, starts the sidecar library, prints the ready line, and
+//! drains on SIGTERM. Everything else lives in the library.
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_sidecar::Config;
+use ferry_sidecar::routing::{FileSource, RoutingSource, StaticSource};
+use ferry_sidecar::runtime::Sidecar;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::parse();
+    let source: Box<dyn RoutingSource> = match &config.routing_file {
+        Some(path) => Box::new(FileSource::new(path.clone())),
+        None => {
+            tracing::warn!(
+                "no --routing-file: starting with an empty routing table (etcd source not built yet)"
+            );
+            Box::new(StaticSource::new(Default::default()))
+        }
+    };
+    let sidecar = Sidecar::bind(config)
+        .await
+        .context("starting the sidecar")?;
+    let running = sidecar
+        .start(source)
+        .await
+        .context("starting the sidecar")?;
+    println!("{}", running.ready_line());
+    ferry_sidecar::shutdown::signal().await;
+    running.shutdown();
+    running.wait().await.context("shutting down")?;
     Ok(())
 }

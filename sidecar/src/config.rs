@@ -1,0 +1,175 @@
+//! The sidecar's configuration: one clap struct, every flag also readable from a `FERRY_`
+//! environment variable (what the injection webhook sets), validated once at start so that
+//! a bad value stops the sidecar with a message naming the flag instead of failing later.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::error::Error;
+
+/// Command line and environment of `ferry-sidecar`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "ferry-sidecar",
+    version,
+    about = "The Ferry sidecar: app API, local log, forwarding and delivery"
+)]
+pub struct Config {
+    /// Name of the pod this sidecar serves; part of its producer identity.
+    #[arg(long, env = "FERRY_POD_NAME")]
+    pub pod_name: String,
+    /// Namespace of the pod; topics and subscriptions named without a namespace are here.
+    #[arg(long, env = "FERRY_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Zone of the pod's node (`topology.kubernetes.io/zone`); decides same-zone delivery.
+    #[arg(long, env = "FERRY_ZONE", default_value = "")]
+    pub zone: String,
+    /// Node the pod runs on.
+    #[arg(long, env = "FERRY_NODE", default_value = "")]
+    pub node: String,
+    /// Directory of the local logs; one subdirectory per topic.
+    #[arg(long, env = "FERRY_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// App gRPC API; loopback only.
+    #[arg(long, env = "FERRY_APP_GRPC_ADDR", default_value = "127.0.0.1:7700")]
+    pub app_grpc_addr: SocketAddr,
+    /// App HTTP/JSON API; loopback only.
+    #[arg(long, env = "FERRY_APP_HTTP_ADDR", default_value = "127.0.0.1:7701")]
+    pub app_http_addr: SocketAddr,
+    /// Sidecar-to-sidecar gRPC listener.
+    #[arg(long, env = "FERRY_PEER_ADDR", default_value = "0.0.0.0:7710")]
+    pub peer_addr: SocketAddr,
+    /// Peer address other sidecars dial (the member `address` in the routing table).
+    /// Defaults to the bound peer address when that is not a wildcard.
+    #[arg(long, env = "FERRY_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<SocketAddr>,
+    /// Metrics, health and readiness.
+    #[arg(long, env = "FERRY_ADMIN_ADDR", default_value = "0.0.0.0:7790")]
+    pub admin_addr: SocketAddr,
+    /// Local mode: a JSON `RoutingTable`, re-read when it changes.
+    #[arg(long, env = "FERRY_ROUTING_FILE")]
+    pub routing_file: Option<PathBuf>,
+    /// Time to drain the backlog after SIGTERM before exiting anyway (e.g. `25s`, `500ms`).
+    #[arg(long, env = "FERRY_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Service account of the pod, checked against topics' `allowedPublishers`.
+    #[arg(long, env = "FERRY_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// fsync interval of `DiskAsync` topics.
+    #[arg(long, env = "FERRY_ASYNC_SYNC_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
+    pub async_sync_interval: Duration,
+}
+
+/// Parses a Go-style duration (`25s`, `1m30s`, `200ms`) as the CRDs write them.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    ferry_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+impl Config {
+    /// A configuration for tests and embedding: loopback, random ports, the given data dir.
+    pub fn local(pod_name: &str, namespace: &str, zone: &str, data_dir: PathBuf) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            pod_name: pod_name.into(),
+            namespace: namespace.into(),
+            zone: zone.into(),
+            node: format!("node-{zone}"),
+            data_dir,
+            app_grpc_addr: any,
+            app_http_addr: any,
+            peer_addr: any,
+            advertise_addr: None,
+            admin_addr: any,
+            routing_file: None,
+            shutdown_grace: Duration::from_secs(5),
+            service_account: "default".into(),
+            async_sync_interval: Duration::from_millis(50),
+        }
+    }
+
+    /// Checks what clap cannot: names, loopback-only app API, a usable data dir.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |flag: &str, why: String| Err(Error::Config(format!("--{flag}: {why}")));
+        if self.pod_name.trim().is_empty() {
+            return bad("pod-name", "must not be empty".into());
+        }
+        if self.namespace.trim().is_empty() || self.namespace.contains('/') {
+            return bad(
+                "namespace",
+                format!("{:?} is not a namespace name", self.namespace),
+            );
+        }
+        for (flag, addr) in [
+            ("app-grpc-addr", self.app_grpc_addr),
+            ("app-http-addr", self.app_http_addr),
+        ] {
+            if !addr.ip().is_loopback() {
+                return bad(
+                    flag,
+                    format!(
+                        "{addr} is not a loopback address; the app API listens on loopback only"
+                    ),
+                );
+            }
+        }
+        if let Some(a) = self.advertise_addr
+            && (a.ip().is_unspecified() || a.port() == 0)
+        {
+            return bad(
+                "advertise-addr",
+                format!("{a} cannot be dialed by other sidecars"),
+            );
+        }
+        if self.shutdown_grace.is_zero() {
+            return bad("shutdown-grace", "must be greater than 0".into());
+        }
+        if let Err(e) = std::fs::create_dir_all(&self.data_dir) {
+            return bad(
+                "data-dir",
+                format!("cannot create {}: {e}", self.data_dir.display()),
+            );
+        }
+        Ok(())
+    }
+
+    /// `namespace/pod`: how this sidecar names itself to peers as a producer.
+    pub fn producer_id(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_and_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::try_parse_from([
+            "ferry-sidecar",
+            "--pod-name",
+            "p",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--shutdown-grace",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(2));
+        assert_eq!(c.app_grpc_addr.port(), ferry_api::consts::APP_GRPC_PORT);
+        assert_eq!(c.peer_addr.port(), ferry_api::consts::PEER_GRPC_PORT);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn app_api_must_be_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::local("p", "ns", "z", dir.path().into());
+        c.app_http_addr = "0.0.0.0:7701".parse().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--app-http-addr"), "{e}");
+    }
+}

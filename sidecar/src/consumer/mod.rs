@@ -1,0 +1,413 @@
+//! The consuming side of a sidecar: deliveries that producers (remote sidecars over the
+//! peer API, or this sidecar's own dispatchers in process) hand to this pod's app, the app's
+//! consume sessions with credits, and acks and nacks by delivery id.
+//!
+//! - `inbox.rs`: one subscription's state (queue, handed-out deliveries, sessions).
+//! - `ids.rs`: delivery ids.
+//!
+//! One lock per subscription, taken once per arriving batch and once per ack; settlements
+//! go back to producers through the channel of their current `Forward` stream (or a
+//! callback for in-process delivery), never while the lock is held.
+
+pub mod ids;
+pub mod inbox;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ferry_api::crd::Qos;
+use ferry_api::proto::v1::{Deliver, Delivery, DeliveryState, Outcome, Settled};
+use ferry_api::routing::RoutingTable;
+use tokio::sync::{mpsc, watch};
+
+use self::ids::DeliveryIds;
+use self::inbox::{Arrival, InboxState, Reply};
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// Where a settlement of a delivery goes.
+#[derive(Clone)]
+pub enum ReplyTo {
+    /// A remote producer sidecar, by its identity (`namespace/pod`); sent on its current
+    /// `Forward` stream.
+    Remote(Arc<str>),
+    /// A dispatcher of this sidecar (in-process delivery).
+    Local(Arc<dyn Fn(Settled) + Send + Sync>),
+}
+
+impl std::fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyTo::Remote(p) => write!(f, "Remote({p})"),
+            ReplyTo::Local(_) => write!(f, "Local"),
+        }
+    }
+}
+
+/// A delivery arriving from a producer.
+#[derive(Debug)]
+pub struct Incoming {
+    pub reply: ReplyTo,
+    pub deliver: Deliver,
+}
+
+/// One subscription's inbox.
+#[derive(Debug)]
+pub struct Inbox {
+    index: u32,
+    pub subscription: Arc<str>,
+    pub topic: String,
+    state: Mutex<InboxState>,
+}
+
+#[derive(Debug, Default)]
+struct Inboxes {
+    by_name: HashMap<Arc<str>, Arc<Inbox>>,
+    by_index: Vec<Arc<Inbox>>,
+}
+
+/// The consuming side of this sidecar.
+#[derive(Debug)]
+pub struct Consumer {
+    pod: String,
+    ids: DeliveryIds,
+    inboxes: RwLock<Inboxes>,
+    producers: RwLock<HashMap<Arc<str>, mpsc::UnboundedSender<Settled>>>,
+    routing: watch::Receiver<Arc<RoutingTable>>,
+    metrics: Arc<Metrics>,
+    next_session: AtomicU64,
+}
+
+/// An app's consume session; closing it (or dropping it) returns what it holds.
+#[derive(Debug)]
+pub struct Session {
+    consumer: Arc<Consumer>,
+    inbox: Arc<Inbox>,
+    id: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding an inbox lock leaves consistent-enough state (every method
+    // finishes its bookkeeping before sending); keep serving rather than cascade.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Consumer {
+    /// The consumer of pod `pod` following `routing`.
+    pub fn new(
+        pod: String,
+        routing: watch::Receiver<Arc<RoutingTable>>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            pod,
+            ids: DeliveryIds::new(),
+            inboxes: RwLock::new(Inboxes::default()),
+            producers: RwLock::new(HashMap::new()),
+            routing,
+            metrics,
+            next_session: AtomicU64::new(1),
+        })
+    }
+
+    fn inbox(&self, subscription: &str, table: &RoutingTable) -> Result<Arc<Inbox>, Error> {
+        let resolved = crate::routing::resolve_subscription(table, subscription)
+            .ok_or_else(|| Error::UnknownSubscription(subscription.to_owned()))?;
+        let window = (resolved.subscription.qos == Qos::ExactlyOnce)
+            .then(|| Duration::from_millis(resolved.topic.dedup_window_ms.max(1)));
+        if let Some(inbox) = self
+            .inboxes
+            .read()
+            .ok()
+            .and_then(|i| i.by_name.get(subscription).cloned())
+        {
+            lock(&inbox.state).exactly_once_window = window;
+            return Ok(inbox);
+        }
+        let mut all = self
+            .inboxes
+            .write()
+            .map_err(|_| Error::Internal("inbox table poisoned".into()))?;
+        if let Some(inbox) = all.by_name.get(subscription) {
+            return Ok(inbox.clone());
+        }
+        let name: Arc<str> = subscription.into();
+        let mut state = InboxState::new(name.clone());
+        state.exactly_once_window = window;
+        let inbox = Arc::new(Inbox {
+            index: u32::try_from(all.by_index.len())
+                .map_err(|_| Error::Internal("too many inboxes".into()))?,
+            subscription: name.clone(),
+            topic: resolved.subscription.topic.clone(),
+            state: Mutex::new(state),
+        });
+        all.by_index.push(inbox.clone());
+        all.by_name.insert(name, inbox.clone());
+        Ok(inbox)
+    }
+
+    fn send(&self, replies: Vec<Reply>) {
+        if replies.is_empty() {
+            return;
+        }
+        let producers = self.producers.read().ok();
+        for r in replies {
+            match r.to {
+                ReplyTo::Local(f) => f(r.settled),
+                ReplyTo::Remote(p) => {
+                    let sent = producers
+                        .as_ref()
+                        .and_then(|m| m.get(&p))
+                        .is_some_and(|tx| tx.send(r.settled).is_ok());
+                    if !sent {
+                        // The producer asks with QueryDelivery before redelivering.
+                        tracing::debug!(producer = %p, "no stream to the producer; settlement kept for its query");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Routes settlements for `producer` to `tx` (its newest `Forward` stream).
+    pub fn attach_producer(&self, producer: Arc<str>, tx: mpsc::UnboundedSender<Settled>) {
+        if let Ok(mut m) = self.producers.write() {
+            m.insert(producer, tx);
+        }
+    }
+
+    /// Forgets `tx` as the stream of `producer` unless a newer stream replaced it.
+    pub fn detach_producer(&self, producer: &str, tx: &mpsc::UnboundedSender<Settled>) {
+        if let Ok(mut m) = self.producers.write()
+            && m.get(producer).is_some_and(|cur| cur.same_channel(tx))
+        {
+            m.remove(producer);
+        }
+    }
+
+    /// Takes a batch of deliveries in.
+    pub fn accept(&self, incoming: Vec<Incoming>) {
+        let now = Instant::now();
+        let table = self.routing.borrow().clone();
+        let mut by_sub: HashMap<String, Vec<Incoming>> = HashMap::new();
+        for i in incoming {
+            by_sub
+                .entry(i.deliver.subscription.clone())
+                .or_default()
+                .push(i);
+        }
+        let mut replies = Vec::new();
+        for (sub, items) in by_sub {
+            let member = table
+                .subscriptions
+                .get(&sub)
+                .and_then(|s| table.members.get(&s.group))
+                .is_some_and(|m| m.contains_key(&self.pod));
+            let inbox = match self.inbox(&sub, &table) {
+                Ok(inbox) if member => inbox,
+                Ok(_) | Err(_) => {
+                    let reason = if member {
+                        format!("subscription {sub:?} is unknown to this sidecar")
+                    } else {
+                        format!("pod {:?} is not a member of the group of {sub:?}", self.pod)
+                    };
+                    for i in items {
+                        replies.push(Reply {
+                            to: i.reply,
+                            settled: Settled {
+                                subscription: sub.clone(),
+                                offset: i.deliver.offset,
+                                attempt: i.deliver.attempt,
+                                outcome: Outcome::Rejected as i32,
+                                delay_ms: 0,
+                                reason: reason.clone(),
+                            },
+                        });
+                    }
+                    continue;
+                }
+            };
+            let arrivals: Vec<Arrival> = items
+                .into_iter()
+                .map(|i| {
+                    let (r, id) = self.ids.issue(inbox.index);
+                    let d = i.deliver;
+                    let m = d.message.unwrap_or_default();
+                    Arrival {
+                        seq: r.seq,
+                        reply: i.reply,
+                        producer: d.producer.as_str().into(),
+                        offset: d.offset,
+                        attempt: d.attempt,
+                        ack_wait: Duration::from_millis(d.ack_wait_ms.max(1)),
+                        delivery: Delivery {
+                            delivery_id: id,
+                            message_id: m.id,
+                            topic: d.topic,
+                            key: m.key,
+                            headers: m.headers,
+                            payload: m.payload,
+                            publish_time_ms: m.publish_time_ms,
+                            attempt: d.attempt,
+                            key_sequence: m.key_sequence,
+                            subscription: sub.clone(),
+                            producer: d.producer,
+                        },
+                    }
+                })
+                .collect();
+            let handed = {
+                let mut state = lock(&inbox.state);
+                state.accept(arrivals, now, &mut replies);
+                state.take_handed()
+            };
+            self.count_delivered(&inbox, handed);
+        }
+        self.send(replies);
+    }
+
+    fn count_delivered(&self, inbox: &Inbox, n: u64) {
+        if n > 0 {
+            self.metrics
+                .delivered
+                .get_or_create(&Metrics::sub(&inbox.topic, &inbox.subscription))
+                .inc_by(n);
+        }
+    }
+
+    /// Opens a consume session on `subscription` (`namespace/name`) with `credit`.
+    /// `nack_on_close`: deliveries still unacked when the session closes go back to their
+    /// producers at once (streams); HTTP fetches leave them until their ackWait.
+    pub fn open_session(
+        self: &Arc<Self>,
+        subscription: &str,
+        credit: u64,
+        nack_on_close: bool,
+    ) -> Result<(Session, mpsc::UnboundedReceiver<Delivery>), Error> {
+        let table = self.routing.borrow().clone();
+        let inbox = self.inbox(subscription, &table)?;
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handed = {
+            let mut state = lock(&inbox.state);
+            state.open_session(id, credit, tx, nack_on_close, Instant::now());
+            state.take_handed()
+        };
+        self.count_delivered(&inbox, handed);
+        Ok((
+            Session {
+                consumer: self.clone(),
+                inbox,
+                id,
+            },
+            rx,
+        ))
+    }
+
+    /// Acks (`nack = None`) or nacks a delivery by id.
+    pub fn settle(&self, delivery_id: &str, nack: Option<u64>) -> Result<(), Error> {
+        let unknown = || Error::UnknownDelivery(delivery_id.to_owned());
+        let r = self.ids.parse(delivery_id).ok_or_else(unknown)?;
+        let inbox = self
+            .inboxes
+            .read()
+            .ok()
+            .and_then(|i| i.by_index.get(r.inbox as usize).cloned())
+            .ok_or_else(unknown)?;
+        let mut replies = Vec::new();
+        let result = {
+            let mut state = lock(&inbox.state);
+            match state.settle(r.seq, nack, Instant::now(), &mut replies) {
+                Ok(()) => Ok(()),
+                Err(_) => match state.finished(r.seq) {
+                    Some(f) => Err(Error::ExpiredDelivery {
+                        id: delivery_id.to_owned(),
+                        why: f.why(),
+                    }),
+                    None => Err(unknown()),
+                },
+            }
+        };
+        self.send(replies);
+        result
+    }
+
+    /// Answers a producer's `QueryDelivery`.
+    pub fn query(
+        &self,
+        producer: &str,
+        subscription: &str,
+        offset: u64,
+        attempt: u32,
+    ) -> DeliveryState {
+        let inbox = self
+            .inboxes
+            .read()
+            .ok()
+            .and_then(|i| i.by_name.get(subscription).cloned());
+        match inbox {
+            Some(inbox) => lock(&inbox.state).query(producer, offset, attempt),
+            None => DeliveryState::Unknown,
+        }
+    }
+
+    /// Expires deliveries past their ackWait; run periodically.
+    pub fn sweep(&self) {
+        let inboxes: Vec<Arc<Inbox>> = self
+            .inboxes
+            .read()
+            .map(|i| i.by_index.clone())
+            .unwrap_or_default();
+        let now = Instant::now();
+        let mut replies = Vec::new();
+        for inbox in inboxes {
+            lock(&inbox.state).sweep(now, &mut replies);
+        }
+        self.send(replies);
+    }
+
+    /// Returns every held delivery to its producer (at shutdown).
+    pub fn return_all(&self, reason: &str) {
+        let inboxes: Vec<Arc<Inbox>> = self
+            .inboxes
+            .read()
+            .map(|i| i.by_index.clone())
+            .unwrap_or_default();
+        let mut replies = Vec::new();
+        for inbox in inboxes {
+            lock(&inbox.state).return_all(reason, &mut replies);
+        }
+        self.send(replies);
+    }
+}
+
+impl Session {
+    /// The subscription (`namespace/name`).
+    pub fn subscription(&self) -> &str {
+        &self.inbox.subscription
+    }
+
+    /// The subscription's topic (`namespace/name`).
+    pub fn topic(&self) -> &str {
+        &self.inbox.topic
+    }
+
+    /// Grants `n` more deliveries.
+    pub fn add_credit(&self, n: u64) {
+        let handed = {
+            let mut state = lock(&self.inbox.state);
+            state.add_credit(self.id, n, Instant::now());
+            state.take_handed()
+        };
+        self.consumer.count_delivered(&self.inbox, handed);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut replies = Vec::new();
+        lock(&self.inbox.state).close_session(self.id, &mut replies);
+        self.consumer.send(replies);
+    }
+}

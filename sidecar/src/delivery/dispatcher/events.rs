@@ -1,0 +1,303 @@
+//! How a dispatcher reacts to settlements, send failures, query answers and dead-letter
+//! results: the bookkeeping of copies, redelivery with backoff, and giving up.
+
+use std::cmp::Reverse;
+use std::time::{Duration, Instant};
+
+use ferry_api::crd::Qos;
+use ferry_api::proto::v1::{DeliveryState, Outcome};
+
+use super::{Copy, CopyState, DLQ_RETRY, Dispatcher, REJECT_RETRY, now_ms};
+use crate::delivery::Event;
+use crate::delivery::policy::{backoff_for, dead_letter};
+use crate::log::{Offset, Settlement};
+
+impl Dispatcher {
+    pub(super) fn handle(&mut self, e: Event) {
+        match e {
+            Event::Settled { from, settled } => {
+                let Some(k) = self.find_in_flight(settled.offset, &from, settled.attempt) else {
+                    return;
+                };
+                let offset = settled.offset;
+                let pod = self.release_member(offset, k);
+                let attempt = settled.attempt;
+                match Outcome::try_from(settled.outcome) {
+                    Ok(Outcome::Acked) => self.acked(offset, k),
+                    Ok(Outcome::Rejected) => {
+                        self.note(
+                            offset,
+                            k,
+                            format!("{attempt}@{pod}:refused ({})", settled.reason),
+                        );
+                        self.retry(offset, k, Some(REJECT_RETRY), false);
+                    }
+                    _ => {
+                        let what = if settled.reason.is_empty() {
+                            "nacked".to_string()
+                        } else {
+                            settled.reason.clone()
+                        };
+                        self.note(offset, k, format!("{attempt}@{pod}:{what}"));
+                        let delay =
+                            (settled.delay_ms > 0).then(|| Duration::from_millis(settled.delay_ms));
+                        self.retry(offset, k, delay, true);
+                    }
+                }
+            }
+            Event::SendFailed {
+                addr,
+                items,
+                reason,
+            } => {
+                for (offset, attempt) in items {
+                    let Some(k) = self.find_in_flight(offset, &addr, attempt) else {
+                        continue;
+                    };
+                    let pod = self.release_member(offset, k);
+                    self.note(offset, k, format!("{attempt}@{pod}:not sent ({reason})"));
+                    self.retry(offset, k, Some(REJECT_RETRY), false);
+                }
+                self.refresh_liveness();
+            }
+            Event::Queried {
+                addr,
+                offset,
+                attempt,
+                state,
+            } => {
+                let Some(k) = self.find_in_flight(offset, &addr, attempt) else {
+                    return;
+                };
+                match state {
+                    Ok(DeliveryState::Acked) => {
+                        self.release_member(offset, k);
+                        self.acked(offset, k);
+                    }
+                    Ok(DeliveryState::InProgress) => {
+                        let deadline = Instant::now()
+                            + Duration::from_millis(self.setup.subscription.ack_wait_ms);
+                        if let Some(CopyState::InFlight {
+                            deadline: d,
+                            querying,
+                            ..
+                        }) = self
+                            .entries
+                            .get_mut(&offset)
+                            .map(|e| &mut e.copies[k].state)
+                        {
+                            *d = deadline;
+                            *querying = false;
+                            self.timers.push(Reverse((deadline, offset)));
+                        }
+                    }
+                    other => {
+                        let pod = self.release_member(offset, k);
+                        let why = match other {
+                            Err(e) => format!("ack timeout, consumer sidecar unreachable: {e}"),
+                            _ => "ack timeout, delivery unknown to the consumer sidecar".into(),
+                        };
+                        tracing::info!(subscription = %self.sub, offset, attempt, pod = %pod, "{why}; redelivering");
+                        self.note(offset, k, format!("{attempt}@{pod}:{why}"));
+                        self.retry(offset, k, None, true);
+                    }
+                }
+            }
+            Event::DeadLettered {
+                offset,
+                copy,
+                result,
+            } => {
+                let Some(e) = self.entries.get_mut(&offset) else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        e.copies[copy].state = CopyState::Done(Settlement::DeadLettered);
+                        self.counters.dead_lettered.inc();
+                        self.maybe_finish(offset);
+                    }
+                    Err(err) => {
+                        tracing::warn!(subscription = %self.sub, offset, error = %err, "dead-letter publish failed; retrying");
+                        let at = Instant::now() + DLQ_RETRY;
+                        e.copies[copy].state = CopyState::DeadLetterWait(at);
+                        self.timers.push(Reverse((at, offset)));
+                    }
+                }
+            }
+            Event::Setup(setup) => self.apply_setup(setup),
+        }
+    }
+
+    pub(super) fn find_in_flight(&self, offset: Offset, from: &str, attempt: u32) -> Option<usize> {
+        let e = self.entries.get(&offset)?;
+        e.copies.iter().position(|c| {
+            c.attempt == attempt
+                && matches!(&c.state, CopyState::InFlight { addr, .. } if &**addr == from)
+        })
+    }
+
+    /// Frees the member slot of an in-flight copy; returns the member's pod.
+    pub(super) fn release_member(&mut self, offset: Offset, k: usize) -> String {
+        let Some(CopyState::InFlight { pod, .. }) =
+            self.entries.get(&offset).map(|e| &e.copies[k].state)
+        else {
+            return String::new();
+        };
+        let pod = pod.clone();
+        if let Some(m) = self.members.iter_mut().find(|m| m.pod == pod) {
+            m.in_flight = m.in_flight.saturating_sub(1);
+        }
+        pod
+    }
+
+    pub(super) fn note(&mut self, offset: Offset, k: usize, what: String) {
+        if let Some(e) = self.entries.get_mut(&offset) {
+            let c = &mut e.copies[k];
+            c.reason = what.clone();
+            c.history.push(what);
+        }
+    }
+
+    pub(super) fn acked(&mut self, offset: Offset, k: usize) {
+        let Some(e) = self.entries.get_mut(&offset) else {
+            return;
+        };
+        e.copies[k].state = CopyState::Done(Settlement::Acked);
+        self.counters.acked.inc();
+        let age_ms = now_ms().saturating_sub(e.message.publish_time_ms);
+        self.counters.latency.observe(age_ms as f64 / 1000.0);
+        self.maybe_finish(offset);
+    }
+
+    /// Schedules another delivery of copy `k`, or gives up after maxDeliveries.
+    pub(super) fn retry(
+        &mut self,
+        offset: Offset,
+        k: usize,
+        delay: Option<Duration>,
+        counts: bool,
+    ) {
+        let sub = &self.setup.subscription;
+        let Some(e) = self.entries.get_mut(&offset) else {
+            return;
+        };
+        let c = &mut e.copies[k];
+        if !counts {
+            c.counted = c.counted.saturating_sub(1);
+        }
+        if sub.qos == Qos::AtMostOnce {
+            c.state = CopyState::Done(Settlement::Dropped);
+            self.maybe_finish(offset);
+            return;
+        }
+        if counts && c.counted >= sub.max_deliveries {
+            let reason = format!(
+                "maxDeliveries ({}) reached; last: {}",
+                sub.max_deliveries, c.reason
+            );
+            self.give_up(offset, k, reason);
+            return;
+        }
+        let at = Instant::now() + delay.unwrap_or_else(|| backoff_for(sub, c.counted.max(1)));
+        c.state = CopyState::Waiting(at);
+        self.timers.push(Reverse((at, offset)));
+    }
+
+    /// Dead-letters copy `k` (or drops it when the subscription has no dead-letter topic).
+    pub(super) fn give_up(&mut self, offset: Offset, k: usize, reason: String) {
+        let Some(e) = self.entries.get_mut(&offset) else {
+            return;
+        };
+        if e.copies.is_empty() {
+            e.copies.push(Copy::new(None));
+        }
+        let Some(c) = e.copies.get_mut(k) else { return };
+        match self
+            .setup
+            .subscription
+            .dead_letter_topic
+            .clone()
+            .filter(|_| self.setup.dead_letter_known)
+        {
+            Some(dlq) => {
+                c.state = CopyState::DeadLettering;
+                let message = dead_letter(
+                    &e.message,
+                    &self.topic,
+                    &self.sub,
+                    &reason,
+                    &c.history,
+                    now_ms(),
+                );
+                let engine = self.engine.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let result = engine
+                        .publish_internal(&dlq, message)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = tx.send(Event::DeadLettered {
+                        offset,
+                        copy: k,
+                        result,
+                    });
+                });
+            }
+            None => {
+                tracing::warn!(subscription = %self.sub, offset, %reason, "dropping message: no dead-letter topic");
+                c.state = CopyState::Done(Settlement::Dropped);
+                self.counters.dropped.inc();
+                self.maybe_finish(offset);
+            }
+        }
+    }
+
+    pub(super) fn maybe_finish(&mut self, offset: Offset) {
+        let Some(e) = self.entries.get(&offset) else {
+            return;
+        };
+        if e.copies.is_empty()
+            || !e
+                .copies
+                .iter()
+                .all(|c| matches!(c.state, CopyState::Done(_)))
+        {
+            return;
+        }
+        let how = e
+            .copies
+            .iter()
+            .map(|c| match c.state {
+                CopyState::Done(s) => s,
+                _ => Settlement::Acked,
+            })
+            .max_by_key(|s| match s {
+                Settlement::Acked => 0,
+                Settlement::Dropped => 1,
+                Settlement::DeadLettered => 2,
+            })
+            .unwrap_or(Settlement::Acked);
+        if let Some(e) = self.entries.remove(&offset)
+            && let Some(k) = e.message.key
+        {
+            if self.key_busy.get(&k) == Some(&offset) {
+                self.key_busy.remove(&k);
+            }
+            if let Some(offsets) = self.by_key.get_mut(&k) {
+                offsets.remove(&offset);
+                // The next message of this key may go now.
+                match offsets.first() {
+                    Some(next) => {
+                        self.ready.insert(*next);
+                    }
+                    None => {
+                        self.by_key.remove(&k);
+                    }
+                }
+            }
+        }
+        self.ready.remove(&offset);
+        self.settles.push((self.sub.clone(), offset, how));
+    }
+}

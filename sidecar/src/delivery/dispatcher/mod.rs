@@ -1,0 +1,518 @@
+//! One subscription's dispatcher on the producer's sidecar. A single task owns all of the
+//! subscription's delivery state (no locks): it loads unsettled records from the store in
+//! batches, sends them to members (one batch per peer per round), and reacts to
+//! settlements, send failures, query answers and its own timers.
+//!
+//! Per message it keeps one *copy* per target: one for Unicast (whose member may change
+//! between attempts), one per member for Broadcast (pinned to that member). A message is
+//! settled in the log once every copy is done.
+//!
+//! Ack timeout: the producer first asks the consumer's sidecar (`QueryDelivery`); it
+//! redelivers only when that sidecar says the delivery is unknown or cannot be reached, and
+//! waits another `ackWait` when the app is still working on it.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_api::crd::{Delivery, Ordering, Qos};
+use ferry_api::proto::v1::{Deliver, PeerMessage};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::policy::matches_filter;
+use super::select::{self, Member};
+use super::{Event, Setup};
+use crate::consumer::{Incoming, ReplyTo};
+use crate::engine::Engine;
+use crate::log::{Offset, Settlement, StoredMessage};
+use crate::metrics::Metrics;
+use crate::store::TopicStore;
+
+mod events;
+mod timers;
+
+/// Most messages a dispatcher holds in memory at once.
+const WINDOW: usize = 8192;
+/// Records read from the store per read.
+const READ_BATCH: usize = 512;
+/// Events handled per round before dispatching again.
+const EVENTS_PER_ROUND: usize = 4096;
+/// Delay before retrying a delivery the consumer sidecar refused or could not be sent.
+const REJECT_RETRY: Duration = Duration::from_millis(200);
+/// The "address" of in-process deliveries to this sidecar's own app.
+const LOCAL_ADDR: &str = "in-process";
+/// Delay before retrying a failed dead-letter publish.
+const DLQ_RETRY: Duration = Duration::from_secs(1);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug)]
+enum CopyState {
+    Idle,
+    Waiting(Instant),
+    InFlight {
+        addr: Arc<str>,
+        pod: String,
+        deadline: Instant,
+        querying: bool,
+    },
+    DeadLettering,
+    DeadLetterWait(Instant),
+    Done(Settlement),
+}
+
+#[derive(Debug)]
+struct Copy {
+    pinned: Option<String>,
+    /// Deliveries sent so far (the attempt number of the latest).
+    attempt: u32,
+    /// Deliveries that count toward maxDeliveries (refused ones do not).
+    counted: u32,
+    state: CopyState,
+    history: Vec<String>,
+    reason: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    message: StoredMessage,
+    copies: Vec<Copy>,
+    not_before: Option<Instant>,
+    expires: Option<Instant>,
+}
+
+/// Counters of this subscription, resolved once.
+#[derive(Debug)]
+struct Counters {
+    forwarded: prometheus_client::metrics::counter::Counter,
+    acked: prometheus_client::metrics::counter::Counter,
+    redelivered: prometheus_client::metrics::counter::Counter,
+    dead_lettered: prometheus_client::metrics::counter::Counter,
+    dropped: prometheus_client::metrics::counter::Counter,
+    oldest: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// Deliveries of one round, sent together.
+#[derive(Default)]
+struct Outbox {
+    remote: HashMap<Arc<str>, Vec<Deliver>>,
+    local: Vec<Incoming>,
+}
+
+impl Copy {
+    fn new(pinned: Option<String>) -> Self {
+        Self {
+            pinned,
+            attempt: 0,
+            counted: 0,
+            state: CopyState::Idle,
+            history: Vec::new(),
+            reason: String::new(),
+        }
+    }
+}
+
+struct Dispatcher {
+    engine: Arc<Engine>,
+    store: Arc<TopicStore>,
+    setup: Arc<Setup>,
+    topic: Arc<str>,
+    sub: Arc<str>,
+    tx: mpsc::UnboundedSender<Event>,
+    members: Vec<Member>,
+    entries: BTreeMap<Offset, Entry>,
+    ready: BTreeSet<Offset>,
+    timers: BinaryHeap<Reverse<(Instant, Offset)>>,
+    key_busy: HashMap<String, Offset>,
+    /// Ordered topics: offsets held per key, to find the next message of a key at once.
+    by_key: HashMap<String, BTreeSet<Offset>>,
+    /// Where in-process deliveries report back (built once).
+    local_reply: ReplyTo,
+    read_next: Offset,
+    rr: usize,
+    settles: Vec<crate::store::SettleItem>,
+    counters: Counters,
+}
+
+/// Runs the dispatcher of `setup.subscription` until `cancel`.
+pub async fn run(
+    engine: Arc<Engine>,
+    store: Arc<TopicStore>,
+    setup: Arc<Setup>,
+    tx: mpsc::UnboundedSender<Event>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    cancel: CancellationToken,
+) {
+    let sub: Arc<str> =
+        ferry_api::routing::object_ref(&setup.subscription.namespace, &setup.subscription.name)
+            .into();
+    let topic: Arc<str> = store.topic.as_str().into();
+    let labels = Metrics::sub(&topic, &sub);
+    let m = &engine.metrics;
+    let counters = Counters {
+        forwarded: m.forwarded.get_or_create(&labels).clone(),
+        acked: m.acked.get_or_create(&labels).clone(),
+        redelivered: m.redelivered.get_or_create(&labels).clone(),
+        dead_lettered: m.dead_lettered.get_or_create(&labels).clone(),
+        dropped: m.dropped.get_or_create(&labels).clone(),
+        oldest: m.oldest_age_seconds.get_or_create(&labels).clone(),
+        latency: m.publish_to_ack_seconds.get_or_create(&labels).clone(),
+    };
+    let read_next = match store.cursor(sub.clone()).await {
+        Ok(c) => c.unwrap_or(0),
+        Err(e) => {
+            tracing::error!(subscription = %sub, error = %e, "cannot start dispatcher");
+            return;
+        }
+    };
+    let local_reply = {
+        let tx = tx.clone();
+        let from: Arc<str> = LOCAL_ADDR.into();
+        ReplyTo::Local(Arc::new(move |settled| {
+            let _ = tx.send(Event::Settled {
+                from: from.clone(),
+                settled,
+            });
+        }))
+    };
+    let mut d = Dispatcher {
+        engine,
+        store,
+        setup: setup.clone(),
+        topic,
+        sub,
+        tx,
+        members: Vec::new(),
+        entries: BTreeMap::new(),
+        ready: BTreeSet::new(),
+        timers: BinaryHeap::new(),
+        key_busy: HashMap::new(),
+        by_key: HashMap::new(),
+        local_reply,
+        read_next,
+        rr: 0,
+        settles: Vec::new(),
+        counters,
+    };
+    d.apply_setup(setup);
+    let mut written = d.store.watch_written();
+    let mut peers_changed = d.engine.peers.watch_liveness();
+    loop {
+        if d.entries.len() < WINDOW && d.read_next < *written.borrow_and_update() {
+            d.fill().await;
+        }
+        d.dispatch();
+        d.flush_settles();
+        d.update_gauges();
+        let next_timer = d.timers.peek().map(|Reverse((at, _))| *at);
+        let more_to_read = d.entries.len() < WINDOW && d.read_next < *written.borrow();
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            e = rx.recv() => {
+                let Some(e) = e else { break };
+                d.handle(e);
+                let mut n = 1;
+                while n < EVENTS_PER_ROUND {
+                    match rx.try_recv() {
+                        Ok(e) => { d.handle(e); n += 1; }
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = sleep_until(next_timer) => d.fire_timers(),
+            r = written.changed(), if !more_to_read => if r.is_err() { break },
+            _ = peers_changed.changed() => d.refresh_liveness(),
+            _ = tokio::task::yield_now(), if more_to_read => {}
+        }
+    }
+    d.flush_settles();
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Dispatcher {
+    fn apply_setup(&mut self, setup: Arc<Setup>) {
+        let old: HashMap<String, u32> = self
+            .members
+            .iter()
+            .map(|m| (m.pod.clone(), m.in_flight))
+            .collect();
+        let me = &self.engine.identity;
+        self.members = setup
+            .members
+            .iter()
+            .map(|m| {
+                let local = m.pod == me.pod && m.namespace == me.namespace;
+                Member {
+                    pod: m.pod.clone(),
+                    address: m.address.clone(),
+                    zone: m.zone.clone(),
+                    local,
+                    live: local || self.engine.peers.is_live(&m.address),
+                    in_flight: old.get(&m.pod).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        self.setup = setup;
+        // Members may have joined: anything waiting for one may now go.
+        let waiting: Vec<Offset> = self.entries.keys().copied().collect();
+        self.ready.extend(waiting.into_iter().filter(|o| {
+            self.entries.get(o).is_some_and(|e| {
+                e.copies.is_empty() || e.copies.iter().any(|c| matches!(c.state, CopyState::Idle))
+            })
+        }));
+    }
+
+    fn refresh_liveness(&mut self) {
+        for m in &mut self.members {
+            m.live = m.local || self.engine.peers.is_live(&m.address);
+        }
+    }
+
+    async fn fill(&mut self) {
+        let max = READ_BATCH.min(WINDOW - self.entries.len());
+        let batch = match self.store.read(self.sub.clone(), self.read_next, max).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(subscription = %self.sub, error = %e, "reading the log failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+        };
+        self.read_next = self.read_next.max(batch.next);
+        let now = Instant::now();
+        let wall = now_ms();
+        for (offset, message) in batch.records {
+            if self.entries.contains_key(&offset) {
+                continue;
+            }
+            if !matches_filter(&self.setup.subscription, &message) {
+                self.settles
+                    .push((self.sub.clone(), offset, Settlement::Acked));
+                continue;
+            }
+            let since = |ms: u64| {
+                now + Duration::from_millis(
+                    ms.saturating_sub(wall.saturating_sub(message.publish_time_ms)),
+                )
+            };
+            let not_before = (message.delay_ms > 0).then(|| since(message.delay_ms));
+            let expires = (message.ttl_ms > 0).then(|| since(message.ttl_ms));
+            if self.setup.topic.ordering == Ordering::Key
+                && let Some(k) = &message.key
+            {
+                self.by_key.entry(k.clone()).or_default().insert(offset);
+            }
+            self.entries.insert(
+                offset,
+                Entry {
+                    message,
+                    copies: Vec::new(),
+                    not_before,
+                    expires,
+                },
+            );
+            self.ready.insert(offset);
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        let max = self.setup.subscription.max_in_flight;
+        self.members.iter().any(|m| m.live && m.in_flight < max)
+    }
+
+    fn dispatch(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        // Walk the ready set in offset order without copying it: most rounds stop early,
+        // as soon as no member has room.
+        let mut from = 0;
+        while let Some(&offset) = self.ready.range(from..).next() {
+            if !self.has_room() {
+                break;
+            }
+            from = offset + 1;
+            self.dispatch_one(offset, now, &mut out);
+        }
+        for (addr, batch) in out.remote {
+            self.engine.peers.send(&addr, batch);
+        }
+        if !out.local.is_empty() {
+            self.engine.consumer.accept(out.local);
+        }
+    }
+
+    /// Sends the idle copies of `offset` where they can go now.
+    fn dispatch_one(&mut self, offset: Offset, now: Instant, out: &mut Outbox) {
+        let Some(mut entry) = self.entries.remove(&offset) else {
+            self.ready.remove(&offset);
+            return;
+        };
+        if entry.expires.is_some_and(|t| t <= now) {
+            self.entries.insert(offset, entry);
+            self.ready.remove(&offset);
+            let idle: Vec<usize> = match self.entries.get(&offset) {
+                Some(e) if !e.copies.is_empty() => (0..e.copies.len())
+                    .filter(|k| matches!(e.copies[*k].state, CopyState::Idle))
+                    .collect(),
+                _ => vec![0],
+            };
+            for k in idle {
+                self.give_up(offset, k, "ttl expired".into());
+            }
+            return;
+        }
+        if let Some(t) = entry.not_before.filter(|t| *t > now) {
+            self.entries.insert(offset, entry);
+            self.ready.remove(&offset);
+            self.timers.push(Reverse((t, offset)));
+            return;
+        }
+        let ordered = self.setup.topic.ordering == Ordering::Key;
+        let key = entry.message.key.clone().filter(|_| ordered);
+        if let Some(k) = &key
+            && self.key_busy.get(k).is_some_and(|o| *o != offset)
+        {
+            self.entries.insert(offset, entry);
+            return;
+        }
+        if entry.copies.is_empty() {
+            let policy = self.setup.group.zone_policy;
+            let zone = &self.engine.identity.zone;
+            let pinned: Vec<Option<String>> = match self.setup.group.delivery {
+                Delivery::Unicast => vec![None],
+                Delivery::Broadcast => select::broadcast_targets(&self.members, policy, zone)
+                    .into_iter()
+                    .map(|i| Some(self.members[i].pod.clone()))
+                    .collect(),
+            };
+            entry.copies = pinned.into_iter().map(Copy::new).collect();
+        }
+        let max = self.setup.subscription.max_in_flight;
+        let ack_wait = Duration::from_millis(self.setup.subscription.ack_wait_ms);
+        let mut sent = false;
+        for copy in &mut entry.copies {
+            if !matches!(copy.state, CopyState::Idle) {
+                continue;
+            }
+            let chosen = match &copy.pinned {
+                Some(pod) => match self.members.iter().position(|m| &m.pod == pod) {
+                    None => {
+                        // The member left the group: its copy is void.
+                        copy.state = CopyState::Done(Settlement::Acked);
+                        continue;
+                    }
+                    Some(i) if self.members[i].live && self.members[i].in_flight < max => Some(i),
+                    Some(_) => None,
+                },
+                None => {
+                    let zone = &self.engine.identity.zone;
+                    let cands = select::eligible(&self.members, self.setup.group.zone_policy, zone);
+                    match &key {
+                        Some(k) => select::by_key(&self.members, &cands, k)
+                            .filter(|i| self.members[*i].in_flight < max),
+                        None => select::pick(
+                            &self.members,
+                            &cands,
+                            self.setup.group.balancing,
+                            max,
+                            &mut self.rr,
+                        ),
+                    }
+                }
+            };
+            let Some(i) = chosen else { continue };
+            let member = &mut self.members[i];
+            member.in_flight += 1;
+            copy.attempt += 1;
+            copy.counted += 1;
+            let addr: Arc<str> = if member.local {
+                LOCAL_ADDR.into()
+            } else {
+                member.address.as_str().into()
+            };
+            copy.state = CopyState::InFlight {
+                addr: addr.clone(),
+                pod: member.pod.clone(),
+                deadline: now + ack_wait,
+                querying: false,
+            };
+            self.timers.push(Reverse((now + ack_wait, offset)));
+            self.counters.forwarded.inc();
+            if copy.attempt > 1 {
+                self.counters.redelivered.inc();
+            }
+            sent = true;
+            let deliver = Deliver {
+                subscription: self.sub.to_string(),
+                producer: self.engine.identity.producer_id.to_string(),
+                offset,
+                attempt: copy.attempt,
+                message: Some(peer_message(&entry.message)),
+                topic: self.topic.to_string(),
+                ack_wait_ms: self.setup.subscription.ack_wait_ms,
+            };
+            if member.local {
+                out.local.push(Incoming {
+                    reply: self.local_reply.clone(),
+                    deliver,
+                });
+            } else {
+                out.remote.entry(addr).or_default().push(deliver);
+            }
+        }
+        if !entry
+            .copies
+            .iter()
+            .any(|c| matches!(c.state, CopyState::Idle))
+        {
+            self.ready.remove(&offset);
+        }
+        let copies = entry.copies.len();
+        self.entries.insert(offset, entry);
+        if let Some(k) = key.filter(|_| sent) {
+            self.key_busy.insert(k, offset);
+        }
+        if sent && self.setup.subscription.qos == Qos::AtMostOnce {
+            // Never redelivered: settled as soon as it is sent.
+            for k in 0..copies {
+                if self.release_member(offset, k).is_empty() {
+                    continue;
+                }
+                if let Some(e) = self.entries.get_mut(&offset) {
+                    e.copies[k].state = CopyState::Done(Settlement::Acked);
+                }
+            }
+        }
+        self.maybe_finish(offset);
+    }
+}
+
+/// The wire form of a stored message.
+pub fn peer_message(m: &StoredMessage) -> PeerMessage {
+    PeerMessage {
+        id: m.id.clone(),
+        key: m.key.clone(),
+        headers: m.headers.iter().cloned().collect(),
+        payload: m.payload.clone(),
+        publish_time_ms: m.publish_time_ms,
+        key_sequence: m.key_sequence,
+        ttl_ms: m.ttl_ms,
+    }
+}

@@ -1,0 +1,129 @@
+//! A dispatcher's timers: delayed first deliveries, backoff before redelivery, dead-letter
+//! retries, and ack timeouts, which first ask the consumer's sidecar (`QueryDelivery`).
+
+use std::cmp::Reverse;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_api::proto::v1::QueryDeliveryRequest;
+
+use super::{CopyState, Dispatcher, LOCAL_ADDR, now_ms};
+use crate::delivery::Event;
+use crate::log::Offset;
+
+impl Dispatcher {
+    pub(super) fn fire_timers(&mut self) {
+        let now = Instant::now();
+        let mut queries: HashMap<Arc<str>, Vec<(Offset, u32)>> = HashMap::new();
+        let mut dead_letters = Vec::new();
+        while let Some(Reverse((at, offset))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(e) = self.entries.get_mut(&offset) else {
+                continue;
+            };
+            if e.not_before.is_some_and(|t| t <= now) {
+                e.not_before = None;
+                self.ready.insert(offset);
+            }
+            for (k, c) in e.copies.iter_mut().enumerate() {
+                match &mut c.state {
+                    CopyState::Waiting(t) if *t <= now => {
+                        c.state = CopyState::Idle;
+                        self.ready.insert(offset);
+                    }
+                    CopyState::DeadLetterWait(t) if *t <= now => {
+                        c.state = CopyState::Idle;
+                        dead_letters.push((offset, k, c.reason.clone()));
+                    }
+                    CopyState::InFlight {
+                        addr,
+                        deadline,
+                        querying,
+                        ..
+                    } if *deadline <= now && !*querying => {
+                        *querying = true;
+                        queries
+                            .entry(addr.clone())
+                            .or_default()
+                            .push((offset, c.attempt));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (offset, k, reason) in dead_letters {
+            self.give_up(offset, k, reason);
+        }
+        for (addr, items) in queries {
+            self.query(addr, items);
+        }
+    }
+
+    /// Asks the consumer sidecar at `addr` about timed-out deliveries: one task per peer,
+    /// not per message.
+    pub(super) fn query(&self, addr: Arc<str>, items: Vec<(Offset, u32)>) {
+        if &*addr == LOCAL_ADDR {
+            for (offset, attempt) in items {
+                let state = self.engine.consumer.query(
+                    &self.engine.identity.producer_id,
+                    &self.sub,
+                    offset,
+                    attempt,
+                );
+                let _ = self.tx.send(Event::Queried {
+                    addr: addr.clone(),
+                    offset,
+                    attempt,
+                    state: Ok(state),
+                });
+            }
+            return;
+        }
+        let peers = self.engine.peers.clone();
+        let tx = self.tx.clone();
+        let producer = self.engine.identity.producer_id.to_string();
+        let sub = self.sub.to_string();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let results = futures::stream::iter(items)
+                .map(|(offset, attempt)| {
+                    let req = QueryDeliveryRequest {
+                        producer: producer.clone(),
+                        subscription: sub.clone(),
+                        offset,
+                        attempt,
+                    };
+                    let peers = peers.clone();
+                    let addr = addr.clone();
+                    async move { (offset, attempt, peers.query(&addr, req).await) }
+                })
+                .buffer_unordered(32);
+            futures::pin_mut!(results);
+            while let Some((offset, attempt, state)) = results.next().await {
+                let _ = tx.send(Event::Queried {
+                    addr: addr.clone(),
+                    offset,
+                    attempt,
+                    state,
+                });
+            }
+        });
+    }
+
+    pub(super) fn flush_settles(&mut self) {
+        if !self.settles.is_empty() {
+            self.store.settle(std::mem::take(&mut self.settles));
+        }
+    }
+
+    pub(super) fn update_gauges(&self) {
+        let age = self.entries.values().next().map_or(0.0, |e| {
+            now_ms().saturating_sub(e.message.publish_time_ms) as f64 / 1000.0
+        });
+        self.counters.oldest.set(age);
+    }
+}

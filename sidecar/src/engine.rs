@@ -1,0 +1,422 @@
+//! The sidecar-wide `Engine`: the routing table, the topic stores, the delivery manager, the
+//! consumer and the peer pool, shared (`Arc`) by every API layer so that handlers stay thin.
+//! Publishing lives here because the app APIs and dead-lettering share it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_api::proto::v1::{AckLevel, PublishRequest, PublishResponse};
+use ferry_api::routing::RoutingTable;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::consumer::Consumer;
+use crate::delivery::DeliveryManager;
+use crate::error::Error;
+use crate::log::StoredMessage;
+use crate::metrics::Metrics;
+use crate::peer::PeerPool;
+use crate::routing::{may_publish, qualify};
+use crate::store::{AppendItem, AppendOutcome, StoreOptions, TopicStore};
+
+/// Default wait of ack level `DELIVERED`.
+const DELIVERED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A valid publish request on its way to its topic's store.
+struct Pending {
+    index: usize,
+    item: AppendItem,
+    level: AckLevel,
+    timeout: Duration,
+    delivered: Option<oneshot::Receiver<()>>,
+}
+
+/// Who this sidecar is.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub pod: String,
+    pub namespace: String,
+    pub zone: String,
+    pub service_account: String,
+    /// `namespace/pod`, how producers name themselves to peers.
+    pub producer_id: Arc<str>,
+    /// The peer address other sidecars dial.
+    pub advertise: String,
+}
+
+/// Shared state of one sidecar.
+#[derive(Debug)]
+pub struct Engine {
+    pub identity: Identity,
+    pub config: Config,
+    pub routing: watch::Receiver<Arc<RoutingTable>>,
+    pub metrics: Arc<Metrics>,
+    pub consumer: Arc<Consumer>,
+    pub peers: Arc<PeerPool>,
+    pub delivery: DeliveryManager,
+    stores: RwLock<HashMap<String, Arc<TopicStore>>>,
+    opening: tokio::sync::Mutex<()>,
+    draining: AtomicBool,
+    /// Cancelled when every task must stop (after the drain).
+    pub stop: CancellationToken,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Engine {
+    /// An engine following `routing`.
+    pub fn new(
+        config: Config,
+        advertise: String,
+        routing: watch::Receiver<Arc<RoutingTable>>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let delivery = DeliveryManager::default();
+        let peers = PeerPool::new(delivery.registry.clone(), stop.clone());
+        let identity = Identity {
+            pod: config.pod_name.clone(),
+            namespace: config.namespace.clone(),
+            zone: config.zone.clone(),
+            service_account: config.service_account.clone(),
+            producer_id: config.producer_id().into(),
+            advertise,
+        };
+        Arc::new(Self {
+            consumer: Consumer::new(config.pod_name.clone(), routing.clone(), metrics.clone()),
+            identity,
+            config,
+            routing,
+            metrics,
+            peers,
+            delivery,
+            stores: RwLock::new(HashMap::new()),
+            opening: tokio::sync::Mutex::new(()),
+            draining: AtomicBool::new(false),
+            stop,
+        })
+    }
+
+    /// The current routing table.
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.routing.borrow().clone()
+    }
+
+    /// Every open store.
+    pub fn open_stores(&self) -> Vec<Arc<TopicStore>> {
+        self.stores
+            .read()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The store of `topic` (`namespace/name`), opening it (and starting its dispatchers)
+    /// on first use.
+    pub async fn store(self: &Arc<Self>, topic: &str) -> Result<Arc<TopicStore>, Error> {
+        if let Some(s) = self.stores.read().ok().and_then(|s| s.get(topic).cloned()) {
+            return Ok(s);
+        }
+        let _guard = self.opening.lock().await;
+        if let Some(s) = self.stores.read().ok().and_then(|s| s.get(topic).cloned()) {
+            return Ok(s);
+        }
+        let table = self.table();
+        let entry = table
+            .topics
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+        let data_dir = self.config.data_dir.clone();
+        let options = StoreOptions {
+            async_sync_interval: self.config.async_sync_interval,
+        };
+        let store =
+            tokio::task::spawn_blocking(move || TopicStore::open(&entry, &data_dir, &options))
+                .await
+                .map_err(|e| Error::Internal(format!("opening topic {topic}: {e}")))??;
+        if let Ok(mut s) = self.stores.write() {
+            s.insert(topic.to_owned(), store.clone());
+        }
+        self.delivery.reconcile(self, &table).await;
+        Ok(store)
+    }
+
+    /// Opens the stores of topics that have data on disk, so that their unsettled messages
+    /// are delivered after a restart without waiting for a new publish.
+    pub async fn open_existing(self: &Arc<Self>) {
+        let table = self.table();
+        for topic in table.topics.values() {
+            let dir = self
+                .config
+                .data_dir
+                .join("topics")
+                .join(&topic.namespace)
+                .join(&topic.name);
+            if dir.is_dir() {
+                let name = ferry_api::routing::object_ref(&topic.namespace, &topic.name);
+                if let Err(e) = self.store(&name).await {
+                    tracing::error!(topic = %name, error = %e, "cannot reopen topic log");
+                }
+            }
+        }
+    }
+
+    /// Stops taking publishes (SIGTERM); delivery goes on.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether publishes are refused.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether every store has delivered everything it holds.
+    pub fn drained(&self) -> bool {
+        self.open_stores().iter().all(|s| s.stats.drained())
+    }
+
+    /// Publishes a batch from the app; one result per request, in order.
+    pub async fn publish(
+        self: &Arc<Self>,
+        requests: Vec<PublishRequest>,
+    ) -> Vec<Result<PublishResponse, Error>> {
+        let table = self.table();
+        let mut results: Vec<Option<Result<PublishResponse, Error>>> =
+            (0..requests.len()).map(|_| None).collect();
+        // Valid requests grouped by topic.
+        let mut by_topic: HashMap<String, Vec<Pending>> = HashMap::new();
+        let now = now_ms();
+        for (i, r) in requests.into_iter().enumerate() {
+            let topic = qualify(&self.identity.namespace, &r.topic);
+            match self.validate(&table, &topic, &r) {
+                Ok(()) => {}
+                Err(e) => {
+                    self.metrics
+                        .publish_errors
+                        .get_or_create(&Metrics::topic(&topic))
+                        .inc();
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            }
+            let level = r.ack_level();
+            let (delivered_tx, delivered_rx) = match level {
+                AckLevel::Delivered => {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
+                }
+                _ => (None, None),
+            };
+            let timeout = match r.delivered_timeout_ms {
+                0 => DELIVERED_TIMEOUT,
+                ms => Duration::from_millis(ms),
+            };
+            let id = if r.message_id.is_empty() {
+                uuid::Uuid::now_v7().to_string()
+            } else {
+                r.message_id
+            };
+            let mut headers: Vec<(String, String)> = r.headers.into_iter().collect();
+            headers.sort();
+            let message = StoredMessage {
+                id,
+                key: r.key,
+                headers,
+                payload: r.payload,
+                publish_time_ms: now,
+                key_sequence: 0,
+                ttl_ms: r.ttl_ms,
+                delay_ms: r.delay_ms,
+            };
+            by_topic.entry(topic).or_default().push(Pending {
+                index: i,
+                item: AppendItem {
+                    message,
+                    delivered: delivered_tx,
+                },
+                level,
+                timeout,
+                delivered: delivered_rx,
+            });
+        }
+        let mut waits = Vec::new();
+        for (topic, items) in by_topic {
+            let labels = Metrics::topic(&topic);
+            self.metrics
+                .published
+                .get_or_create(&labels)
+                .inc_by(items.len() as u64);
+            let store = match self.store(&topic).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let msg = e.to_string();
+                    let code = e.code();
+                    for p in items {
+                        results[p.index] = Some(Err(if code == tonic::Code::NotFound {
+                            Error::UnknownTopic(topic.clone())
+                        } else {
+                            Error::Internal(msg.clone())
+                        }));
+                    }
+                    continue;
+                }
+            };
+            let mut meta = Vec::with_capacity(items.len());
+            let mut append = Vec::with_capacity(items.len());
+            for p in items {
+                meta.push((
+                    p.index,
+                    p.item.message.id.clone(),
+                    p.level,
+                    p.timeout,
+                    p.delivered,
+                ));
+                append.push(p.item);
+            }
+            match store.append(append) {
+                Ok(reply) => waits.push((topic, reply, meta)),
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (i, ..) in meta {
+                        results[i] = Some(Err(Error::Internal(msg.clone())));
+                    }
+                }
+            }
+        }
+        for (topic, reply, meta) in waits {
+            let all_none = meta.iter().all(|m| m.2 == AckLevel::None);
+            if all_none {
+                for (i, id, ..) in meta {
+                    results[i] = Some(Ok(PublishResponse {
+                        message_id: id,
+                        offset: 0,
+                        duplicate: false,
+                    }));
+                }
+                continue;
+            }
+            let outcome = reply
+                .await
+                .unwrap_or_else(|_| Err(Error::Internal(format!("store of {topic} stopped"))));
+            match outcome {
+                Ok(outcomes) => {
+                    let stored = outcomes
+                        .iter()
+                        .filter(|o| matches!(o, AppendOutcome::Stored(_)))
+                        .count();
+                    self.metrics
+                        .stored
+                        .get_or_create(&Metrics::topic(&topic))
+                        .inc_by(stored as u64);
+                    for ((i, id, level, timeout, rx), o) in meta.into_iter().zip(outcomes) {
+                        let (offset, duplicate) = match o {
+                            AppendOutcome::Stored(o) => (o, false),
+                            AppendOutcome::Duplicate(o) => (o, true),
+                        };
+                        let mut r = Ok(PublishResponse {
+                            message_id: id,
+                            offset,
+                            duplicate,
+                        });
+                        if level == AckLevel::Delivered
+                            && !duplicate
+                            && let Some(rx) = rx
+                        {
+                            r = match tokio::time::timeout(timeout, rx).await {
+                                Ok(Ok(())) => r,
+                                Ok(Err(_)) => {
+                                    Err(Error::Internal("the store stopped before delivery".into()))
+                                }
+                                Err(_) => Err(Error::Timeout {
+                                    what: "every subscribed group to ack",
+                                    ms: timeout.as_millis() as u64,
+                                }),
+                            };
+                        }
+                        results[i] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .publish_errors
+                        .get_or_create(&Metrics::topic(&topic))
+                        .inc_by(meta.len() as u64);
+                    let msg = e.to_string();
+                    let mut first = Some(e);
+                    for (i, ..) in meta {
+                        results[i] = Some(Err(first
+                            .take()
+                            .unwrap_or_else(|| Error::Internal(msg.clone()))));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Internal("publish result missing".into()))))
+            .collect()
+    }
+
+    fn validate(&self, table: &RoutingTable, topic: &str, r: &PublishRequest) -> Result<(), Error> {
+        if self.draining() {
+            return Err(Error::ShuttingDown("publishes"));
+        }
+        if r.topic.is_empty() {
+            return Err(Error::InvalidArgument("topic must not be empty".into()));
+        }
+        let entry = table
+            .topics
+            .get(topic)
+            .ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+        if r.payload.len() > entry.max_message_bytes as usize {
+            return Err(Error::MessageTooLarge {
+                topic: topic.to_owned(),
+                size: r.payload.len(),
+                limit: entry.max_message_bytes,
+            });
+        }
+        if !may_publish(
+            entry,
+            &self.identity.namespace,
+            &self.identity.service_account,
+        ) {
+            return Err(Error::PermissionDenied(format!(
+                "service account {}/{} may not publish to topic {topic}: not in its allowedPublishers",
+                self.identity.namespace, self.identity.service_account
+            )));
+        }
+        if AckLevel::try_from(r.ack_level).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "unknown ack_level {}",
+                r.ack_level
+            )));
+        }
+        Ok(())
+    }
+
+    /// Publishes a message this sidecar produces itself (dead letters), bypassing the
+    /// allow-list and the drain, and waits until it is stored.
+    pub async fn publish_internal(
+        self: &Arc<Self>,
+        topic: &str,
+        message: StoredMessage,
+    ) -> Result<(), Error> {
+        let store = self.store(topic).await?;
+        let reply = store.append(vec![AppendItem {
+            message,
+            delivered: None,
+        }])?;
+        reply
+            .await
+            .map_err(|_| Error::Internal(format!("store of {topic} stopped")))??;
+        Ok(())
+    }
+}

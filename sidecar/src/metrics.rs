@@ -1,0 +1,172 @@
+//! Prometheus metrics of one sidecar (served by `admin.rs`).
+//!
+//! Hot paths increment by whole batches and keep cloned metric handles (an `Arc` of an
+//! atomic) instead of looking a label set up per message.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-topic metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+/// Labels of per-subscription metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubLabels {
+    pub topic: String,
+    pub subscription: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~100 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+/// Every metric the sidecar exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Messages accepted by the app API (before storage).
+    pub published: Family<TopicLabels, Counter>,
+    /// Messages stored with the topic's durability met.
+    pub stored: Family<TopicLabels, Counter>,
+    /// Publishes refused (unknown topic, too large, backlog full, ...).
+    pub publish_errors: Family<TopicLabels, Counter>,
+    /// Deliveries sent by this producer to a member (first attempts and redeliveries).
+    pub forwarded: Family<SubLabels, Counter>,
+    /// Deliveries handed to this sidecar's app.
+    pub delivered: Family<SubLabels, Counter>,
+    /// Messages settled as acked by the consuming app (producer side).
+    pub acked: Family<SubLabels, Counter>,
+    /// Redeliveries (after nack, ack timeout or a lost peer).
+    pub redelivered: Family<SubLabels, Counter>,
+    pub dead_lettered: Family<SubLabels, Counter>,
+    /// Messages given up without a dead-letter topic, expired by TTL, or dropped by a
+    /// `Memory` topic's retention.
+    pub dropped: Family<SubLabels, Counter>,
+    /// Bytes not yet settled by every subscription, per topic.
+    pub backlog_bytes: Family<TopicLabels, Gauge>,
+    /// Age of the oldest unsettled message per subscription.
+    pub oldest_age_seconds: Family<SubLabels, Gauge<f64, AtomicU64>>,
+    /// From publish to the consuming app's ack, as the producer sees it.
+    pub publish_to_ack_seconds: HistogramFamily<SubLabels>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `ferry_sidecar` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ferry_sidecar");
+        let m = Self {
+            published: Family::default(),
+            stored: Family::default(),
+            publish_errors: Family::default(),
+            forwarded: Family::default(),
+            delivered: Family::default(),
+            acked: Family::default(),
+            redelivered: Family::default(),
+            dead_lettered: Family::default(),
+            dropped: Family::default(),
+            backlog_bytes: Family::default(),
+            oldest_age_seconds: Family::default(),
+            publish_to_ack_seconds: Family::new_with_constructor(latency_histogram),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "published",
+            "Messages accepted for publishing",
+            m.published.clone(),
+        );
+        registry.register(
+            "stored",
+            "Messages stored with the topic's durability met",
+            m.stored.clone(),
+        );
+        registry.register(
+            "publish_errors",
+            "Publishes refused",
+            m.publish_errors.clone(),
+        );
+        registry.register(
+            "forwarded",
+            "Deliveries sent to a member",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "delivered",
+            "Deliveries handed to this sidecar's app",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "acked",
+            "Messages acked by the consuming app",
+            m.acked.clone(),
+        );
+        registry.register("redelivered", "Redeliveries", m.redelivered.clone());
+        registry.register(
+            "dead_lettered",
+            "Messages moved to a dead-letter topic",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "dropped",
+            "Messages given up without a dead-letter topic",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "backlog_bytes",
+            "Bytes not yet settled by every subscription",
+            m.backlog_bytes.clone(),
+        );
+        registry.register(
+            "oldest_age_seconds",
+            "Age of the oldest unsettled message",
+            m.oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "publish_to_ack_seconds",
+            "Time from publish to the consuming app's ack",
+            m.publish_to_ack_seconds.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Per-topic labels.
+    pub fn topic(topic: &str) -> TopicLabels {
+        TopicLabels {
+            topic: topic.to_owned(),
+        }
+    }
+
+    /// Per-subscription labels.
+    pub fn sub(topic: &str, subscription: &str) -> SubLabels {
+        SubLabels {
+            topic: topic.to_owned(),
+            subscription: subscription.to_owned(),
+        }
+    }
+}

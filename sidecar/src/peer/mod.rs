@@ -1,0 +1,284 @@
+//! Sidecar-to-sidecar traffic. `server.rs` serves `ferry.v1.Peer` (the consuming side);
+//! this file is the producing side's client pool: one long-lived `Forward` stream per
+//! member address, fed by dispatchers with whole batches and coalescing what is queued into
+//! as few stream messages as fit, so that one HTTP/2 frame carries many deliveries.
+//!
+//! A peer that cannot be reached is marked not live (dispatchers then prefer others, which
+//! is how `PreferSameZone` spills over) and every delivery queued for it is handed back as
+//! `SendFailed` at once instead of waiting for an ack timeout.
+
+pub mod server;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_api::proto::v1::peer_client::PeerClient;
+use ferry_api::proto::v1::{
+    Deliver, DeliveryState, ForwardRequest, ForwardResponse, QueryDeliveryRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::delivery::{Event, Registry};
+
+/// Largest peer gRPC message: a batch, or one maximal message with its envelope.
+pub const PEER_MAX_MESSAGE: usize = 16 << 20;
+/// Bytes of payload coalesced into one `ForwardRequest`.
+const BATCH_BYTES: usize = 2 << 20;
+/// Deliveries coalesced into one `ForwardRequest`.
+const BATCH_COUNT: usize = 4096;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+struct Link {
+    addr: Arc<str>,
+    tx: mpsc::UnboundedSender<Vec<Deliver>>,
+    live: AtomicBool,
+    channel: Channel,
+}
+
+/// Connections to other sidecars, by peer address.
+#[derive(Debug)]
+pub struct PeerPool {
+    links: Mutex<HashMap<Arc<str>, Arc<Link>>>,
+    registry: Arc<Registry>,
+    liveness: watch::Sender<u64>,
+    cancel: CancellationToken,
+}
+
+impl PeerPool {
+    /// A pool that routes settlements to `registry` and stops at `cancel`.
+    pub fn new(registry: Arc<Registry>, cancel: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            links: Mutex::new(HashMap::new()),
+            registry,
+            liveness: watch::Sender::new(0),
+            cancel,
+        })
+    }
+
+    fn link(&self, addr: &str) -> Option<Arc<Link>> {
+        let mut links = self.links.lock().ok()?;
+        if let Some(l) = links.get(addr) {
+            return Some(l.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            addr: addr.into(),
+            tx,
+            live: AtomicBool::new(true),
+            channel: endpoint.connect_lazy(),
+        });
+        links.insert(link.addr.clone(), link.clone());
+        tokio::spawn(run_link(
+            link.clone(),
+            rx,
+            self.registry.clone(),
+            self.liveness.clone(),
+            self.cancel.clone(),
+        ));
+        Some(link)
+    }
+
+    /// Queues deliveries for the sidecar at `addr`.
+    pub fn send(&self, addr: &Arc<str>, batch: Vec<Deliver>) {
+        match self.link(addr) {
+            Some(link) => {
+                if let Err(mpsc::error::SendError(batch)) = link.tx.send(batch) {
+                    fail(&self.registry, addr, batch, "peer link stopped");
+                }
+            }
+            None => fail(&self.registry, addr, batch, "invalid peer address"),
+        }
+    }
+
+    /// Whether the sidecar at `addr` is believed reachable (unknown peers are).
+    pub fn is_live(&self, addr: &str) -> bool {
+        self.links
+            .lock()
+            .ok()
+            .and_then(|l| l.get(addr).map(|l| l.live.load(Ordering::Relaxed)))
+            .unwrap_or(true)
+    }
+
+    /// Changes whenever some peer's liveness changes.
+    pub fn watch_liveness(&self) -> watch::Receiver<u64> {
+        self.liveness.subscribe()
+    }
+
+    /// Asks the sidecar at `addr` about a delivery.
+    pub async fn query(
+        &self,
+        addr: &str,
+        req: QueryDeliveryRequest,
+    ) -> Result<DeliveryState, String> {
+        let link = self
+            .link(addr)
+            .ok_or_else(|| format!("invalid peer address {addr:?}"))?;
+        let mut client = PeerClient::new(link.channel.clone());
+        let call = client.query_delivery(req);
+        match tokio::time::timeout(QUERY_TIMEOUT, call).await {
+            Ok(Ok(r)) => Ok(r.into_inner().state()),
+            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+            Err(_) => Err(format!("no answer within {QUERY_TIMEOUT:?}")),
+        }
+    }
+}
+
+/// Hands deliveries back to their dispatchers as not sent.
+fn fail(registry: &Registry, addr: &Arc<str>, batch: Vec<Deliver>, reason: &str) {
+    let mut by_sub: HashMap<String, Vec<(u64, u32)>> = HashMap::new();
+    for d in batch {
+        by_sub
+            .entry(d.subscription)
+            .or_default()
+            .push((d.offset, d.attempt));
+    }
+    registry.route_many(
+        by_sub
+            .into_iter()
+            .map(|(sub, items)| {
+                let e = Event::SendFailed {
+                    addr: addr.clone(),
+                    items,
+                    reason: reason.to_owned(),
+                };
+                (sub, e)
+            })
+            .collect(),
+    );
+}
+
+fn route_settled(registry: &Registry, addr: &Arc<str>, r: ForwardResponse) {
+    registry.route_many(
+        r.settled
+            .into_iter()
+            .map(|s| {
+                (
+                    s.subscription.clone(),
+                    Event::Settled {
+                        from: addr.clone(),
+                        settled: s,
+                    },
+                )
+            })
+            .collect(),
+    );
+}
+
+fn set_live(link: &Link, liveness: &watch::Sender<u64>, live: bool) {
+    if link.live.swap(live, Ordering::Relaxed) != live {
+        tracing::info!(peer = %link.addr, live, "peer liveness changed");
+        liveness.send_modify(|n| *n += 1);
+    }
+}
+
+/// Splits queued deliveries into requests of bounded size.
+fn coalesce(
+    first: Vec<Deliver>,
+    rx: &mut mpsc::UnboundedReceiver<Vec<Deliver>>,
+) -> Vec<ForwardRequest> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut bytes = 0;
+    let mut push = |d: Deliver, out: &mut Vec<ForwardRequest>| {
+        let size = d.message.as_ref().map_or(0, |m| m.payload.len() + 64);
+        if !cur.is_empty() && (bytes + size > BATCH_BYTES || cur.len() >= BATCH_COUNT) {
+            out.push(ForwardRequest {
+                deliveries: std::mem::take(&mut cur),
+            });
+            bytes = 0;
+        }
+        bytes += size;
+        cur.push(d);
+    };
+    for d in first {
+        push(d, &mut out);
+    }
+    let mut more = 0;
+    while more < 64 {
+        match rx.try_recv() {
+            Ok(batch) => batch.into_iter().for_each(|d| push(d, &mut out)),
+            Err(_) => break,
+        }
+        more += 1;
+    }
+    if !cur.is_empty() {
+        out.push(ForwardRequest { deliveries: cur });
+    }
+    out
+}
+
+async fn run_link(
+    link: Arc<Link>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Deliver>>,
+    registry: Arc<Registry>,
+    liveness: watch::Sender<u64>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut client = PeerClient::new(link.channel.clone())
+            .max_decoding_message_size(PEER_MAX_MESSAGE)
+            .max_encoding_message_size(PEER_MAX_MESSAGE);
+        let (req_tx, req_rx) = mpsc::channel::<ForwardRequest>(16);
+        let opened = tokio::select! {
+            r = client.forward(ReceiverStream::new(req_rx)) => r,
+            _ = cancel.cancelled() => return,
+        };
+        let mut inbound = match opened {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                set_live(&link, &liveness, false);
+                tracing::debug!(peer = %link.addr, %status, "cannot open forward stream");
+                let until = tokio::time::Instant::now() + backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        b = rx.recv() => match b {
+                            Some(b) => fail(&registry, &link.addr, b, "peer unreachable"),
+                            None => return,
+                        },
+                        _ = cancel.cancelled() => return,
+                    }
+                }
+                continue;
+            }
+        };
+        set_live(&link, &liveness, true);
+        backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                b = rx.recv() => {
+                    let Some(b) = b else { return };
+                    for req in coalesce(b, &mut rx) {
+                        if let Err(mpsc::error::SendError(req)) = req_tx.send(req).await {
+                            fail(&registry, &link.addr, req.deliveries, "forward stream closed");
+                        }
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(r)) => route_settled(&registry, &link.addr, r),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::info!(peer = %link.addr, %status, "forward stream ended");
+                        break;
+                    }
+                },
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Routing: where the table comes from ([`source`]) and how names in requests resolve
+//! against it.
+
+pub mod source;
+
+pub use source::{FileSource, RoutingSource, StaticSource};
+
+use ferry_api::routing::{GroupEntry, RoutingTable, SubscriptionEntry, TopicEntry};
+
+/// `namespace/name` for a name given by an app: `name` means the sidecar's own namespace.
+pub fn qualify(namespace: &str, name: &str) -> String {
+    if name.contains('/') {
+        name.to_owned()
+    } else {
+        format!("{namespace}/{name}")
+    }
+}
+
+/// Whether `service_account` of `namespace` may publish to `topic`. Entries of the
+/// allow-list are `name` (the topic's namespace) or `namespace/name`; with no list, every
+/// pod of the topic's own namespace may publish.
+pub fn may_publish(topic: &TopicEntry, namespace: &str, service_account: &str) -> bool {
+    match &topic.allowed_publishers {
+        None => topic.namespace == namespace,
+        Some(list) => list.iter().any(|entry| match entry.split_once('/') {
+            Some((ns, sa)) => ns == namespace && sa == service_account,
+            None => topic.namespace == namespace && entry == service_account,
+        }),
+    }
+}
+
+/// A subscription with the group and topic it refers to, as one lookup.
+#[derive(Debug, Clone)]
+pub struct Resolved<'a> {
+    pub subscription: &'a SubscriptionEntry,
+    pub group: &'a GroupEntry,
+    pub topic: &'a TopicEntry,
+}
+
+/// Looks a subscription (`namespace/name`) up with its group and topic.
+pub fn resolve_subscription<'a>(table: &'a RoutingTable, name: &str) -> Option<Resolved<'a>> {
+    let subscription = table.subscriptions.get(name)?;
+    let group = table.groups.get(&subscription.group)?;
+    let topic = table.topics.get(&subscription.topic)?;
+    Some(Resolved {
+        subscription,
+        group,
+        topic,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
+    use ferry_api::crd::{Balancing, Delivery, Durability, Ordering, Qos, ZonePolicy};
+    use ferry_api::routing::*;
+
+    /// A topic entry with test defaults.
+    pub(crate) fn topic(ns: &str, name: &str) -> TopicEntry {
+        TopicEntry {
+            schema_version: SCHEMA_VERSION,
+            namespace: ns.into(),
+            name: name.into(),
+            durability: Durability::Memory,
+            replicas: 1,
+            ordering: Ordering::None,
+            retention_max_age_ms: 3_600_000,
+            retention_max_bytes: 1 << 30,
+            max_message_bytes: 1 << 20,
+            dedup_window_ms: 60_000,
+            allowed_publishers: None,
+            allowed_subscriber_namespaces: vec![],
+        }
+    }
+
+    /// A group entry with test defaults.
+    pub(crate) fn group(ns: &str, name: &str) -> GroupEntry {
+        GroupEntry {
+            schema_version: SCHEMA_VERSION,
+            namespace: ns.into(),
+            name: name.into(),
+            delivery: Delivery::Unicast,
+            zone_policy: ZonePolicy::PreferSameZone,
+            balancing: Balancing::RoundRobin,
+        }
+    }
+
+    /// A subscription entry with test defaults.
+    pub(crate) fn subscription(
+        ns: &str,
+        name: &str,
+        topic: &str,
+        group: &str,
+    ) -> SubscriptionEntry {
+        SubscriptionEntry {
+            schema_version: SCHEMA_VERSION,
+            namespace: ns.into(),
+            name: name.into(),
+            topic: object_ref(ns, topic),
+            group: object_ref(ns, group),
+            qos: Qos::AtLeastOnce,
+            ack_wait_ms: 30_000,
+            max_deliveries: 5,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 10_000,
+            backoff_multiplier: 2.0,
+            dead_letter_topic: None,
+            max_in_flight: 100,
+            filter_key_prefix: None,
+            filter_headers: BTreeMap::new(),
+        }
+    }
+
+    /// A ready member.
+    pub(crate) fn member(
+        ns: &str,
+        group: &str,
+        pod: &str,
+        zone: &str,
+        address: &str,
+    ) -> MemberEntry {
+        MemberEntry {
+            schema_version: SCHEMA_VERSION,
+            namespace: ns.into(),
+            group: group.into(),
+            pod: pod.into(),
+            address: address.into(),
+            zone: zone.into(),
+            node: format!("node-{pod}"),
+            ready: true,
+        }
+    }
+
+    #[test]
+    fn allow_list_forms() {
+        let mut t = topic("shop", "orders");
+        assert!(super::may_publish(&t, "shop", "any"));
+        assert!(!super::may_publish(&t, "other", "any"));
+        t.allowed_publishers = Some(vec!["api".into(), "billing/worker".into()]);
+        assert!(super::may_publish(&t, "shop", "api"));
+        assert!(!super::may_publish(&t, "shop", "worker"));
+        assert!(super::may_publish(&t, "billing", "worker"));
+        t.allowed_publishers = Some(vec![]);
+        assert!(!super::may_publish(&t, "shop", "api"));
+    }
+
+    #[test]
+    fn qualify_names() {
+        assert_eq!(super::qualify("ns", "t"), "ns/t");
+        assert_eq!(super::qualify("ns", "o/t"), "o/t");
+    }
+}

@@ -1,0 +1,303 @@
+//! Starting and stopping a whole sidecar: bind the four listeners, start the routing
+//! source, the engine and the servers, and run the shutdown sequence. Used by `main.rs`
+//! and by tests that run several sidecars in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use ferry_api::proto::v1::app_server::AppServer;
+use ferry_api::proto::v1::peer_server::PeerServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
+
+use crate::app::grpc::AppService;
+use crate::app::{APP_MAX_MESSAGE, http};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::peer::PEER_MAX_MESSAGE;
+use crate::peer::server::PeerService;
+use crate::routing::RoutingSource;
+
+/// How long tasks get to finish after the stop signal before they are abandoned.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the consumer expires deliveries past their ackWait.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+/// The addresses a sidecar listens on (ports resolved when `0` was asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addrs {
+    pub app_grpc: SocketAddr,
+    pub app_http: SocketAddr,
+    pub peer: SocketAddr,
+    pub admin: SocketAddr,
+    /// The peer address other sidecars dial (the member `address` in the routing table).
+    pub advertise: SocketAddr,
+}
+
+/// A sidecar whose listeners are bound but which serves nothing yet.
+#[derive(Debug)]
+pub struct Sidecar {
+    config: Config,
+    listeners: [TcpListener; 4],
+    addrs: Addrs,
+}
+
+async fn bind(flag: &str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Io {
+        what: format!("--{flag}: cannot listen on {addr}"),
+        source,
+    })
+}
+
+fn local(l: &TcpListener) -> Result<SocketAddr, Error> {
+    l.local_addr().map_err(|source| Error::Io {
+        what: "reading a bound address".into(),
+        source,
+    })
+}
+
+impl Sidecar {
+    /// Validates `config` and binds every listener.
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        config.validate()?;
+        let app_grpc = bind("app-grpc-addr", config.app_grpc_addr).await?;
+        let app_http = bind("app-http-addr", config.app_http_addr).await?;
+        let peer = bind("peer-addr", config.peer_addr).await?;
+        let admin = bind("admin-addr", config.admin_addr).await?;
+        let peer_addr = local(&peer)?;
+        let advertise = match config.advertise_addr {
+            Some(a) => a,
+            None if !peer_addr.ip().is_unspecified() => peer_addr,
+            None => {
+                return Err(Error::Config(format!(
+                    "--advertise-addr: required when --peer-addr ({peer_addr}) is a wildcard address"
+                )));
+            }
+        };
+        let addrs = Addrs {
+            app_grpc: local(&app_grpc)?,
+            app_http: local(&app_http)?,
+            peer: peer_addr,
+            admin: local(&admin)?,
+            advertise,
+        };
+        Ok(Self {
+            config,
+            listeners: [app_grpc, app_http, peer, admin],
+            addrs,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// Starts serving with routing tables from `source`.
+    pub async fn start(self, source: Box<dyn RoutingSource>) -> Result<Running, Error> {
+        let stop = CancellationToken::new();
+        let (routing, routing_task) = source.start(stop.child_token())?;
+        let addrs = self.addrs;
+        let grace = self.config.shutdown_grace;
+        let engine = Engine::new(
+            self.config,
+            addrs.advertise.to_string(),
+            routing.clone(),
+            stop.clone(),
+        );
+        engine.open_existing().await;
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut tasks: Vec<(&'static str, JoinHandle<()>)> = vec![("routing source", routing_task)];
+
+        // Routing changes reconfigure the dispatchers.
+        {
+            let engine = engine.clone();
+            let mut routing = routing.clone();
+            let stop = stop.clone();
+            tasks.push((
+                "routing watch",
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            r = routing.changed() => if r.is_err() { return },
+                            _ = stop.cancelled() => return,
+                        }
+                        let table = routing.borrow_and_update().clone();
+                        engine.delivery.reconcile(&engine, &table).await;
+                    }
+                }),
+            ));
+        }
+        // Consumer-side expiry.
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            tasks.push((
+                "consumer sweep",
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(SWEEP_EVERY);
+                    loop {
+                        tokio::select! {
+                            _ = tick.tick() => engine.consumer.sweep(),
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                }),
+            ));
+        }
+
+        let [app_grpc, app_http, peer, admin] = self.listeners;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_api::proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
+        let app = AppServer::new(AppService::new(engine.clone()))
+            .max_decoding_message_size(APP_MAX_MESSAGE)
+            .max_encoding_message_size(APP_MAX_MESSAGE);
+        let server = tonic::transport::Server::builder()
+            .add_service(app)
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(app_grpc),
+                stop.clone().cancelled_owned(),
+            );
+        tasks.push(("app gRPC", spawn_server("app gRPC", server)));
+
+        let peer_svc = PeerServer::new(PeerService::new(engine.consumer.clone(), stop.clone()))
+            .max_decoding_message_size(PEER_MAX_MESSAGE)
+            .max_encoding_message_size(PEER_MAX_MESSAGE);
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(peer_svc)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(peer),
+                stop.clone().cancelled_owned(),
+            );
+        tasks.push(("peer gRPC", spawn_server("peer gRPC", server)));
+
+        let router =
+            http::router(engine.clone()).layer(RequestBodyLimitLayer::new(http::HTTP_MAX_BODY));
+        let server =
+            axum::serve(app_http, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+        tasks.push(("app HTTP", spawn_server("app HTTP", server.into_future())));
+
+        let router = crate::admin::router(engine.clone(), ready.clone());
+        let server =
+            axum::serve(admin, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+        tasks.push((
+            "admin HTTP",
+            spawn_server("admin HTTP", server.into_future()),
+        ));
+
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        let drain = CancellationToken::new();
+        let done = {
+            let engine = engine.clone();
+            let drain = drain.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = drain.cancelled() => {}
+                    _ = stop.cancelled() => {}
+                }
+                crate::shutdown::drain(&engine, grace).await;
+                engine.consumer.return_all("consumer sidecar shutting down");
+                // Let the settlement streams carry those answers out.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let t0 = std::time::Instant::now();
+                stop.cancel();
+                engine.delivery.stop_all().await;
+                tracing::debug!(elapsed = ?t0.elapsed(), "dispatchers stopped");
+                let aborts: Vec<_> = tasks
+                    .iter()
+                    .map(|(name, t)| (*name, t.abort_handle()))
+                    .collect();
+                let all = futures::future::join_all(tasks.into_iter().map(|(_, t)| t));
+                if tokio::time::timeout(JOIN_TIMEOUT, all).await.is_err() {
+                    for (name, abort) in aborts {
+                        if !abort.is_finished() {
+                            tracing::warn!(task = name, "task did not stop in time; aborted");
+                            abort.abort();
+                        }
+                    }
+                }
+                tracing::debug!(elapsed = ?t0.elapsed(), "tasks joined");
+                for store in engine.open_stores() {
+                    store.close().await;
+                }
+                tracing::info!(elapsed = ?t0.elapsed(), "stopped");
+                Ok(())
+            })
+        };
+        Ok(Running {
+            engine,
+            addrs,
+            drain,
+            done,
+        })
+    }
+}
+
+fn spawn_server<F, E>(name: &'static str, server: F) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(server = name, error = %e, "server failed");
+        }
+    })
+}
+
+/// A serving sidecar.
+#[derive(Debug)]
+pub struct Running {
+    engine: Arc<Engine>,
+    addrs: Addrs,
+    drain: CancellationToken,
+    done: JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    /// The engine (for tests and embedding).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Where it listens.
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// The line `main.rs` prints once everything is bound.
+    pub fn ready_line(&self) -> String {
+        let a = self.addrs;
+        format!(
+            "ferry-sidecar ready pod={} zone={} app_grpc={} app_http={} peer={} admin={}",
+            self.engine.identity.pod,
+            self.engine.identity.zone,
+            a.app_grpc,
+            a.app_http,
+            a.advertise,
+            a.admin
+        )
+    }
+
+    /// Starts the shutdown sequence (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.drain.cancel();
+    }
+
+    /// Waits until the sidecar has stopped.
+    pub async fn wait(self) -> Result<(), Error> {
+        self.done
+            .await
+            .map_err(|e| Error::Internal(format!("shutdown task: {e}")))?
+    }
+}

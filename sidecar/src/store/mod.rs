@@ -1,0 +1,274 @@
+//! Per-topic stores: each owns the topic's `Box<dyn Log>` on a dedicated thread (the log is
+//! synchronous on purpose) and serves appends, reads and settlements sent to it over a
+//! channel.
+//!
+//! Group commit: the thread drains every pending command, appends all pending messages with
+//! one `Log::append`, makes them durable with one `sync()` (`Disk`), and only then answers
+//! each publisher. `DiskAsync` syncs on an interval, `Memory` never. Settlements are made
+//! durable at the next sync or within the async interval: losing one to a crash means a
+//! redelivery, never a loss.
+//!
+//! - `thread.rs`: the loop on the store thread.
+//! - `dedup.rs`: the producer-side dedup window.
+
+pub mod dedup;
+#[cfg(test)]
+mod tests;
+mod thread;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::Duration;
+
+use ferry_api::crd::Durability;
+use ferry_api::routing::TopicEntry;
+use tokio::sync::{oneshot, watch};
+
+use crate::error::Error;
+use crate::log::{
+    DiskLog, DiskLogConfig, Log, MemoryLog, MemoryRetention, Offset, Settlement, StoredMessage,
+};
+
+/// A message to append, with the publisher's wish to hear about its delivery.
+#[derive(Debug)]
+pub struct AppendItem {
+    pub message: StoredMessage,
+    /// Fired once every subscription settled the message (ack level `DELIVERED`).
+    pub delivered: Option<oneshot::Sender<()>>,
+}
+
+/// What happened to one appended message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    Stored(Offset),
+    /// Its id was stored within the dedup window at this offset; nothing new was stored.
+    Duplicate(Offset),
+}
+
+/// Records read for one subscription.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    /// Records not yet settled by the subscription, in offset order.
+    pub records: Vec<(Offset, StoredMessage)>,
+    /// Where the next read starts.
+    pub next: Offset,
+}
+
+/// Counters the store thread updates after every round, read without asking it.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub written: AtomicU64,
+    pub acknowledged: AtomicU64,
+    pub backlog_bytes: AtomicU64,
+    pub dropped: AtomicU64,
+    /// Every registered subscription settled every record (or there is none to deliver to).
+    pub drained: std::sync::atomic::AtomicBool,
+}
+
+impl StoreStats {
+    /// Bytes not settled by every subscription.
+    pub fn backlog(&self) -> u64 {
+        self.backlog_bytes.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Whether every written record is settled by every subscription.
+    pub fn drained(&self) -> bool {
+        self.drained.load(AtomicOrdering::Relaxed)
+    }
+}
+
+/// Settlement of one offset by one subscription.
+pub type SettleItem = (Arc<str>, Offset, Settlement);
+
+pub(crate) enum Command {
+    Append {
+        items: Vec<AppendItem>,
+        reply: oneshot::Sender<Result<Vec<AppendOutcome>, Error>>,
+    },
+    Settle(Vec<SettleItem>),
+    Read {
+        subscription: Arc<str>,
+        from: Offset,
+        max: usize,
+        reply: oneshot::Sender<Result<ReadBatch, Error>>,
+    },
+    Cursor {
+        subscription: Arc<str>,
+        reply: oneshot::Sender<Option<Offset>>,
+    },
+    SetSubscriptions(Vec<String>),
+    Flush(oneshot::Sender<Result<(), Error>>),
+}
+
+/// Settings of a store that do not come from the topic entry.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub async_sync_interval: Duration,
+}
+
+/// Handle to one topic's store thread. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct TopicStore {
+    /// `namespace/name`.
+    pub topic: String,
+    pub durability: Durability,
+    tx: std::sync::mpsc::Sender<Command>,
+    pub stats: Arc<StoreStats>,
+    written: watch::Receiver<Offset>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl TopicStore {
+    /// Opens (recovering) the topic's log under `data_dir/topics/<ns>/<name>` and starts
+    /// its thread. Blocking: call from `spawn_blocking` in async code.
+    pub fn open(
+        entry: &TopicEntry,
+        data_dir: &Path,
+        options: &StoreOptions,
+    ) -> Result<Arc<Self>, Error> {
+        let topic = ferry_api::routing::object_ref(&entry.namespace, &entry.name);
+        let log: Box<dyn Log> = match entry.durability {
+            Durability::Memory => {
+                Box::new(MemoryLog::with_retention(MemoryRetention::DropOldest {
+                    max_bytes: entry.retention_max_bytes,
+                }))
+            }
+            Durability::Disk | Durability::DiskAsync | Durability::Replicated => {
+                let dir = data_dir
+                    .join("topics")
+                    .join(&entry.namespace)
+                    .join(&entry.name);
+                let config = DiskLogConfig {
+                    // Checked per publish request by the store thread, so that one
+                    // publisher's refusal does not fail the others of the same round.
+                    max_backlog_bytes: None,
+                    ..DiskLogConfig::default()
+                };
+                let (log, report) =
+                    DiskLog::open(&dir, config).map_err(|e| Error::from_log(&topic, e))?;
+                tracing::info!(topic = %topic, ?report, "opened topic log");
+                Box::new(log)
+            }
+        };
+        Self::start(entry, log, options)
+    }
+
+    /// Starts a store thread around an already open log.
+    pub fn start(
+        entry: &TopicEntry,
+        log: Box<dyn Log>,
+        options: &StoreOptions,
+    ) -> Result<Arc<Self>, Error> {
+        let topic = ferry_api::routing::object_ref(&entry.namespace, &entry.name);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(StoreStats::default());
+        let (written_tx, written) = watch::channel(log.written());
+        let state = thread::StoreThread::new(entry, log, options, stats.clone(), written_tx);
+        let handle = std::thread::Builder::new()
+            .name(format!("store-{}", entry.name))
+            .spawn(move || state.run(rx))
+            .map_err(|source| Error::Io {
+                what: format!("spawning the store thread of {topic}"),
+                source,
+            })?;
+        Ok(Arc::new(Self {
+            topic,
+            durability: entry.durability,
+            tx,
+            stats,
+            written,
+            thread: std::sync::Mutex::new(Some(handle)),
+        }))
+    }
+
+    fn send(&self, c: Command) -> Result<(), Error> {
+        self.tx
+            .send(c)
+            .map_err(|_| Error::Internal(format!("the store of {} has stopped", self.topic)))
+    }
+
+    /// Queues an append; the receiver answers once the topic's durability is met.
+    pub fn append(
+        &self,
+        items: Vec<AppendItem>,
+    ) -> Result<oneshot::Receiver<Result<Vec<AppendOutcome>, Error>>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Append { items, reply })?;
+        Ok(rx)
+    }
+
+    /// Records settlements (durable at the next sync).
+    pub fn settle(&self, items: Vec<SettleItem>) {
+        if !items.is_empty() && self.send(Command::Settle(items)).is_err() {
+            tracing::warn!(topic = %self.topic, "settlement after the store stopped; it will be redelivered");
+        }
+    }
+
+    /// Reads up to `max` records at or after `from` not yet settled by `subscription`.
+    pub async fn read(
+        &self,
+        subscription: Arc<str>,
+        from: Offset,
+        max: usize,
+    ) -> Result<ReadBatch, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Read {
+            subscription,
+            from,
+            max,
+            reply,
+        })?;
+        rx.await.map_err(|_| self.stopped())?
+    }
+
+    /// Where `subscription` resumes: every offset below is settled.
+    pub async fn cursor(&self, subscription: Arc<str>) -> Result<Option<Offset>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Cursor {
+            subscription,
+            reply,
+        })?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// Registers the subscriptions that must settle every record.
+    pub fn set_subscriptions(&self, subscriptions: Vec<String>) {
+        if self.send(Command::SetSubscriptions(subscriptions)).is_err() {
+            tracing::warn!(topic = %self.topic, "store stopped before subscriptions were set");
+        }
+    }
+
+    /// Makes everything durable now.
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Flush(reply))?;
+        rx.await.map_err(|_| self.stopped())?
+    }
+
+    /// Watches the offset below which records may be delivered.
+    pub fn watch_written(&self) -> watch::Receiver<Offset> {
+        self.written.clone()
+    }
+
+    fn stopped(&self) -> Error {
+        Error::Internal(format!(
+            "the store of {} stopped while answering",
+            self.topic
+        ))
+    }
+
+    /// Flushes and stops the thread (after every handle's commands are handled).
+    pub async fn close(self: &Arc<Self>) {
+        if let Err(e) = self.flush().await {
+            tracing::error!(topic = %self.topic, error = %e, "final flush failed");
+        }
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            // The thread exits when every sender is gone; we only wait if it already is.
+            if handle.is_finished() {
+                let _ = handle.join();
+            }
+        }
+    }
+}

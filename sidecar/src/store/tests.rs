@@ -1,0 +1,164 @@
+//! Store thread: group commit, dedup, backlog limit, delivered waiters, restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_api::crd::{Durability, Ordering};
+use ferry_api::routing::TopicEntry;
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::log::tests::msg;
+
+fn entry(durability: Durability) -> TopicEntry {
+    let mut t = crate::routing::tests::topic("ns", "t");
+    t.durability = durability;
+    t
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        async_sync_interval: Duration::from_millis(5),
+    }
+}
+
+fn items(ids: &[u64]) -> Vec<AppendItem> {
+    ids.iter()
+        .map(|i| AppendItem {
+            message: msg(*i),
+            delivered: None,
+        })
+        .collect()
+}
+
+async fn append(s: &TopicStore, ids: &[u64]) -> Result<Vec<AppendOutcome>, Error> {
+    s.append(items(ids)).unwrap().await.unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_appends_get_dense_offsets_and_dedup() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TopicStore::open(&entry(Durability::Disk), dir.path(), &opts()).unwrap();
+    // Many publishers at once: one round, one fsync, every one answered.
+    let rxs: Vec<_> = (0..50u64).map(|i| s.append(items(&[i])).unwrap()).collect();
+    let mut offsets = Vec::new();
+    for rx in rxs {
+        match rx.await.unwrap().unwrap()[..] {
+            [AppendOutcome::Stored(o)] => offsets.push(o),
+            ref other => panic!("{other:?}"),
+        }
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..50).collect::<Vec<_>>());
+    // Same id again, alone and twice within one request.
+    let again = append(&s, &[7, 60, 60]).await.unwrap();
+    assert_eq!(again[0], AppendOutcome::Duplicate(offsets[7]));
+    assert_eq!(again[1], AppendOutcome::Stored(50));
+    assert_eq!(again[2], AppendOutcome::Duplicate(50));
+    assert_eq!(
+        s.stats.written.load(std::sync::atomic::Ordering::Relaxed),
+        51
+    );
+}
+
+#[tokio::test]
+async fn backlog_limit_refuses_naming_the_limit_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = entry(Durability::Disk);
+    e.retention_max_bytes = 3 * crate::log::record::message_record_len(&msg(0)) as u64;
+    let s = TopicStore::open(&e, dir.path(), &opts()).unwrap();
+    s.set_subscriptions(vec!["ns/sub".into()]);
+    append(&s, &[1, 2]).await.unwrap();
+    let err = append(&s, &[3, 4]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(err.to_string().contains("retention.maxBytes"), "{err}");
+    assert_eq!(
+        s.stats.written.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    // Settling frees room.
+    s.settle(vec![(
+        Arc::from("ns/sub"),
+        0,
+        crate::log::Settlement::Acked,
+    )]);
+    append(&s, &[3, 4]).await.unwrap();
+}
+
+#[tokio::test]
+async fn delivered_waiter_fires_when_every_subscription_settled() {
+    let s = TopicStore::open(
+        &entry(Durability::Memory),
+        std::path::Path::new("/nonexistent"),
+        &opts(),
+    )
+    .unwrap();
+    s.set_subscriptions(vec!["ns/a".into(), "ns/b".into()]);
+    let (tx, mut rx) = oneshot::channel();
+    let out = s
+        .append(vec![AppendItem {
+            message: msg(1),
+            delivered: Some(tx),
+        }])
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, vec![AppendOutcome::Stored(0)]);
+    s.settle(vec![(Arc::from("ns/a"), 0, crate::log::Settlement::Acked)]);
+    s.flush().await.unwrap();
+    assert!(rx.try_recv().is_err(), "one subscription is not enough");
+    s.settle(vec![(Arc::from("ns/b"), 0, crate::log::Settlement::Acked)]);
+    tokio::time::timeout(Duration::from_secs(2), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.stats.drained());
+}
+
+#[tokio::test]
+async fn unsettled_records_and_settlements_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = entry(Durability::Disk);
+    {
+        let s = TopicStore::open(&e, dir.path(), &opts()).unwrap();
+        s.set_subscriptions(vec!["ns/sub".into()]);
+        append(&s, &[1, 2, 3]).await.unwrap();
+        s.settle(vec![(
+            Arc::from("ns/sub"),
+            1,
+            crate::log::Settlement::Acked,
+        )]);
+        s.close().await;
+    }
+    let s = TopicStore::open(&e, dir.path(), &opts()).unwrap();
+    s.set_subscriptions(vec!["ns/sub".into()]);
+    let batch = s.read(Arc::from("ns/sub"), 0, 10).await.unwrap();
+    let offsets: Vec<u64> = batch.records.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        vec![0, 2],
+        "settled offset 1 stays settled; 0 and 2 are redelivered"
+    );
+    assert_eq!(batch.next, 3);
+}
+
+#[tokio::test]
+async fn ordered_topics_number_messages_per_key() {
+    let mut e = entry(Durability::Memory);
+    e.ordering = Ordering::Key;
+    let s = TopicStore::open(&e, std::path::Path::new("/nonexistent"), &opts()).unwrap();
+    let mut m = Vec::new();
+    for (i, k) in ["a", "b", "a", "a"].iter().enumerate() {
+        let mut x = msg(i as u64);
+        x.key = Some((*k).into());
+        m.push(AppendItem {
+            message: x,
+            delivered: None,
+        });
+    }
+    s.append(m).unwrap().await.unwrap().unwrap();
+    let batch = s.read(Arc::from("ns/x"), 0, 10).await.unwrap();
+    let seqs: Vec<u64> = batch.records.iter().map(|(_, m)| m.key_sequence).collect();
+    assert_eq!(seqs, vec![1, 1, 2, 3]);
+}
