@@ -1,0 +1,267 @@
+//! One bench scenario: publish N messages one way, consume them all, time everything.
+//!
+//! Latency is publish-to-deliver as the app sees it: each message carries, in a header, the
+//! time it was meant to be sent (microseconds on this process's monotonic clock; producer
+//! and consumer are both this process), and the consumer subtracts that from its own clock
+//! on arrival. The fixed-rate mode stamps the scheduled time, not the actual send, so that a
+//! stall shows as latency instead of being hidden (coordinated omission).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_api::proto::v1::publish_result::Result as OneResult;
+use ferry_api::proto::v1::{AckLevel, PublishBatch, PublishRequest};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::stats::Latencies;
+use crate::client::{self, App, ClientError, Consumer, Event};
+
+/// Header carrying the scenario id, so leftovers of an earlier scenario are not counted.
+const RUN_HEADER: &str = "bench-run";
+/// Header carrying the send time, in microseconds since the bench's clock started.
+const TIME_HEADER: &str = "bench-t-us";
+
+/// How the producer publishes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Unary `Publish` calls, `concurrency` at once.
+    PerMessage { concurrency: usize },
+    /// `PublishStream` with batches of `batch`, up to `window` batches in flight.
+    Streamed { batch: usize, window: usize },
+    /// Unary calls at a fixed rate (open loop), at most `max_outstanding` unanswered.
+    FixedRate {
+        per_sec: u32,
+        max_outstanding: usize,
+    },
+}
+
+/// One scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub id: String,
+    pub topic: String,
+    pub subscription: String,
+    pub payload_bytes: usize,
+    pub mode: Mode,
+    pub count: u64,
+    /// The whole scenario (publish and drain) stops at this deadline.
+    pub deadline: Duration,
+}
+
+/// What happened.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub sent: u64,
+    pub errors: u64,
+    pub publish_elapsed: Duration,
+    pub delivered: u64,
+    pub last_delivery: Duration,
+    pub latencies: Latencies,
+}
+
+/// Runs a scenario: subscribes on `consumer_addr`, publishes on `producer_addr`, and waits
+/// for every message (or the deadline).
+pub async fn run(
+    producer_addr: &str,
+    consumer_addr: &str,
+    s: &Scenario,
+    clock: Instant,
+) -> Result<Outcome, ClientError> {
+    let mut consumer_app = client::connect(consumer_addr).await?;
+    let mut consumer = Consumer::subscribe(&mut consumer_app, &s.subscription, 4096).await?;
+    let producer = client::connect(producer_addr).await?;
+    let start = Instant::now();
+    let deadline = start + s.deadline;
+    let run_id = s.id.clone();
+    let count = s.count;
+    let collector = tokio::spawn(async move {
+        let mut latencies = Latencies::default();
+        let mut last = Duration::ZERO;
+        while (latencies.len() as u64) < count && Instant::now() < deadline {
+            match consumer.next(Duration::from_millis(200)).await {
+                Ok(Some(Event::Delivery(d))) => {
+                    let now = clock.elapsed();
+                    if d.headers.get(RUN_HEADER) == Some(&run_id)
+                        && let Some(t) = d
+                            .headers
+                            .get(TIME_HEADER)
+                            .and_then(|t| t.parse::<u64>().ok())
+                    {
+                        latencies.record(now.saturating_sub(Duration::from_micros(t)));
+                        last = start.elapsed();
+                    }
+                    if consumer.ack_and_refill(&d.delivery_id).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        (latencies, last)
+    });
+    let (sent, errors) = publish(producer, s, clock, deadline).await;
+    let publish_elapsed = start.elapsed();
+    let (latencies, last_delivery) = collector.await.unwrap_or_default();
+    Ok(Outcome {
+        sent,
+        errors,
+        publish_elapsed,
+        delivered: latencies.len() as u64,
+        last_delivery,
+        latencies,
+    })
+}
+
+fn request(s: &Scenario, payload: &Bytes, sent_at_us: u64) -> PublishRequest {
+    PublishRequest {
+        topic: s.topic.clone(),
+        headers: HashMap::from([
+            (RUN_HEADER.into(), s.id.clone()),
+            (TIME_HEADER.into(), sent_at_us.to_string()),
+        ]),
+        payload: payload.clone(),
+        ack_level: AckLevel::Stored.into(),
+        ..PublishRequest::default()
+    }
+}
+
+fn micros(clock: Instant) -> u64 {
+    u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Publishes the scenario's messages; returns (acked, failed).
+async fn publish(app: App, s: &Scenario, clock: Instant, deadline: Instant) -> (u64, u64) {
+    let payload = Bytes::from(vec![b'x'; s.payload_bytes]);
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    match s.mode {
+        Mode::PerMessage { concurrency } => {
+            let next = Arc::new(AtomicU64::new(0));
+            let tasks: Vec<_> = (0..concurrency.max(1))
+                .map(|_| {
+                    let (mut app, s, payload, next, ok, failed) = (
+                        app.clone(),
+                        s.clone(),
+                        payload.clone(),
+                        next.clone(),
+                        ok.clone(),
+                        failed.clone(),
+                    );
+                    tokio::spawn(async move {
+                        while next.fetch_add(1, Ordering::Relaxed) < s.count
+                            && Instant::now() < deadline
+                        {
+                            let counter = if app
+                                .publish(request(&s, &payload, micros(clock)))
+                                .await
+                                .is_ok()
+                            {
+                                &ok
+                            } else {
+                                &failed
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        Mode::Streamed { batch, window } => {
+            let (tx, rx) = mpsc::channel(window.max(1));
+            let feeder = {
+                let (s, payload) = (s.clone(), payload.clone());
+                tokio::spawn(async move {
+                    let mut sent = 0u64;
+                    let mut batch_id = 0u64;
+                    while sent < s.count && Instant::now() < deadline {
+                        let n = (s.count - sent).min(batch.max(1) as u64);
+                        let messages = (0..n)
+                            .map(|_| request(&s, &payload, micros(clock)))
+                            .collect();
+                        batch_id += 1;
+                        if tx.send(PublishBatch { batch_id, messages }).await.is_err() {
+                            break;
+                        }
+                        sent += n;
+                    }
+                })
+            };
+            let mut app = app;
+            match app.publish_stream(ReceiverStream::new(rx)).await {
+                Ok(response) => {
+                    let mut results = response.into_inner();
+                    while let Ok(Ok(Some(r))) =
+                        tokio::time::timeout_at(deadline.into(), results.message()).await
+                    {
+                        for one in r.results {
+                            let counter = if matches!(one.result, Some(OneResult::Ok(_))) {
+                                &ok
+                            } else {
+                                &failed
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= s.count {
+                            break;
+                        }
+                    }
+                }
+                Err(_) => {
+                    failed.fetch_add(s.count, Ordering::Relaxed);
+                }
+            }
+            feeder.abort();
+        }
+        Mode::FixedRate {
+            per_sec,
+            max_outstanding,
+        } => {
+            let permits = Arc::new(Semaphore::new(max_outstanding.max(1)));
+            let start = tokio::time::Instant::now();
+            let per_sec = f64::from(per_sec.max(1));
+            for i in 0..s.count {
+                let at = start + Duration::from_secs_f64(i as f64 / per_sec);
+                if Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(at).await;
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                // The time it was due, not when it went: see the module doc.
+                let due = micros(clock)
+                    .saturating_sub(u64::try_from(at.elapsed().as_micros()).unwrap_or(0));
+                let (mut app, req, ok, failed) = (
+                    app.clone(),
+                    request(s, &payload, due),
+                    ok.clone(),
+                    failed.clone(),
+                );
+                tokio::spawn(async move {
+                    let counter = if app.publish(req).await.is_ok() {
+                        &ok
+                    } else {
+                        &failed
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+            // Wait for the outstanding publishes.
+            let _ = tokio::time::timeout_at(
+                deadline.into(),
+                permits.acquire_many(u32::try_from(max_outstanding.max(1)).unwrap_or(u32::MAX)),
+            )
+            .await;
+        }
+    }
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}

@@ -1,0 +1,119 @@
+//! RELIABILITY.md row 3 (poison part): an app that always nacks; the message goes to the
+//! dead-letter topic after exactly `maxDeliveries` deliveries, with the reason and the
+//! attempt history in its headers.
+
+use std::time::Duration;
+
+use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer, wait_for};
+use ferry_sidecar_tests::history::History;
+use tokio::time::Instant;
+
+use super::common::{RUN_LIMIT, group, pod, subscription, topic};
+
+const MAX_DELIVERIES: u32 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Result<()> {
+    let crs = [
+        topic("payments", "durability: Disk"),
+        topic("payments-dlq", "durability: Disk"),
+        group("payments", "payments", ""),
+        group("ops", "ops", ""),
+        subscription(
+            "payments",
+            "payments",
+            "payments",
+            &format!("maxDeliveries: {MAX_DELIVERIES}, deadLetterTopic: payments-dlq, backoff: {{initial: 50ms, max: 200ms, multiplier: 2}}"),
+        ),
+        subscription("payments-dlq", "payments-dlq", "ops", ""),
+    ]
+    .concat();
+    let pods = [
+        pod("payments-a", "zone-a", "payments"),
+        pod("ops-a", "zone-a", "ops"),
+        pod("producer", "zone-a", ""),
+    ]
+    .concat();
+    let mesh = TestMesh::start(&crs, &pods).await?;
+    let history = History::default();
+    let stop_at = Instant::now() + RUN_LIMIT;
+    let poison = spawn_consumer(
+        &mesh.app_addr("payments-a")?,
+        "default/payments",
+        "payments",
+        "payments-a",
+        &history,
+        Behavior::Nack(0),
+        stop_at,
+    )
+    .await?;
+    let ops = spawn_consumer(
+        &mesh.app_addr("ops-a")?,
+        "default/payments-dlq",
+        "ops",
+        "ops-a",
+        &history,
+        Behavior::Ack,
+        stop_at,
+    )
+    .await?;
+    let mut app = mesh.app("producer").await?;
+    publish(
+        &mut app,
+        &history,
+        "producer",
+        "default/payments",
+        "pay-42",
+        None,
+        b"charge 42".to_vec(),
+    )
+    .await?;
+
+    wait_for(
+        Duration::from_secs(30),
+        "the poison message reaches the DLQ",
+        || !history.deliveries_to("ops").is_empty(),
+    )
+    .await?;
+    let attempts: Vec<u32> = history
+        .deliveries_to("payments")
+        .iter()
+        .map(|d| d.attempt)
+        .collect();
+    let dead = history.deliveries_to("ops");
+    println!("dead_letter: history {}", history.check(&[]));
+    println!(
+        "dead_letter: attempts {attempts:?}; dead letter headers {:?}",
+        dead[0].headers
+    );
+    assert_eq!(
+        attempts,
+        (1..=MAX_DELIVERIES).collect::<Vec<_>>(),
+        "exactly maxDeliveries deliveries, numbered"
+    );
+    assert_eq!(dead.len(), 1);
+    // The dead letter is a new message (its own id) on the DLQ topic, so the history counts
+    // it as unexpected; its headers name the original.
+    let headers = &dead[0].headers;
+    let header = |name: &str| headers.get(name).map(String::as_str).unwrap_or_default();
+    assert_eq!(header("ferry-dlq-message-id"), "pay-42", "{headers:?}");
+    assert_eq!(
+        header("ferry-dlq-source-topic"),
+        "default/payments",
+        "{headers:?}"
+    );
+    assert!(
+        header("ferry-dlq-reason").contains("maxDeliveries (3)"),
+        "a reason header: {headers:?}"
+    );
+    let history_header = header("ferry-dlq-attempts");
+    assert_eq!(
+        history_header.split(';').count(),
+        MAX_DELIVERIES as usize,
+        "one entry per attempt: {headers:?}"
+    );
+    assert!(history_header.contains("nacked"), "{headers:?}");
+    poison.abort();
+    ops.abort();
+    Ok(())
+}

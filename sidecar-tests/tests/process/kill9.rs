@@ -1,0 +1,129 @@
+//! RELIABILITY.md row 2 (kill part), small variant: `kill -9` of the producer's sidecar
+//! under load on a Disk topic, restart on the same data dir: no acked message is lost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferry_sidecar_tests::harness::{
+    Behavior, TestMesh, publish, seeded_rng, spawn_consumer, wait_for,
+};
+use ferry_sidecar_tests::history::{Expect, History};
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn producer_sidecar_kill9_loses_no_acked_message() -> anyhow::Result<()> {
+    let mut rng = seeded_rng("producer_sidecar_kill9_loses_no_acked_message");
+    let crs = [
+        topic("orders", "durability: Disk"),
+        group("billing", "billing", ""),
+        subscription(
+            "billing-orders",
+            "orders",
+            "billing",
+            "ackWait: 5s, backoff: {initial: 100ms, max: 1s, multiplier: 2}",
+        ),
+    ]
+    .concat();
+    let pods = [
+        pod("billing-a", "zone-a", "billing"),
+        pod("producer", "zone-a", ""),
+    ]
+    .concat();
+    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let history = History::default();
+    let consumer = spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        &history,
+        Behavior::Ack,
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+
+    // Four publishers that keep going (reconnecting) until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = mesh.app_addr("producer")?;
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            let (history, stop, addr) = (history.clone(), stop.clone(), addr.clone());
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut app) = ferryctl::client::connect(&addr).await else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let id = format!("p{p}-{i}");
+                        if publish(
+                            &mut app,
+                            &history,
+                            "producer",
+                            "default/orders",
+                            &id,
+                            None,
+                            vec![b'o'; 200],
+                        )
+                        .await
+                        .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let kills = 2;
+    for round in 1..=kills {
+        let target = history.acked_ids().len() + rng.random_range(50..150);
+        wait_for(
+            Duration::from_secs(30),
+            "publishes acked before the kill",
+            || history.acked_ids().len() >= target,
+        )
+        .await?;
+        let acked_before = history.acked_ids().len();
+        mesh.mesh.kill9("producer").await?;
+        println!("kill9 round {round}: SIGKILL after {acked_before} acked publishes");
+        mesh.mesh.restart("producer").await?;
+        println!("kill9 round {round}: restarted on the same data dir");
+    }
+    let target = history.acked_ids().len() + 50;
+    wait_for(
+        Duration::from_secs(30),
+        "publishes acked after the last restart",
+        || history.acked_ids().len() >= target,
+    )
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        let _ = p.await;
+    }
+    let expect = [Expect::AnyMember {
+        group: "billing".into(),
+        topic: "default/orders".into(),
+        check_order: false,
+    }];
+    let c = drain(
+        &history,
+        &expect,
+        Duration::from_secs(60),
+        "producer_sidecar_kill9",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    // Duplicates are allowed (a kill between the consumer's ack and the producer's record
+    // of it) but bounded by the in-flight window per kill: maxInFlight 100 x 1 member.
+    assert!(c.duplicated <= 100 * kills, "{c}");
+    consumer.abort();
+    Ok(())
+}
