@@ -143,7 +143,11 @@ fn every_example_matches_the_crd_schemas() {
                     spec_only.as_object_mut().unwrap().remove(field);
                 }
                 if doc["apiVersion"] != "ferry.dev/v1alpha1" {
-                    errors.push(format!("{}: apiVersion {}", path.display(), doc["apiVersion"]));
+                    errors.push(format!(
+                        "{}: apiVersion {}",
+                        path.display(),
+                        doc["apiVersion"]
+                    ));
                 }
                 validate(
                     &format!("{} {kind}", path.display()),
