@@ -19,6 +19,8 @@ use ferry_api::manifest::Manifests;
 use crate::mesh::{Mesh, MeshConfig, Planned};
 use crate::{metrics, sidecar_bin};
 
+mod demo;
+
 /// Folder under the CR folder where `dev` keeps its data by default.
 pub const DATA_DIR: &str = ".ferry-dev";
 
@@ -48,6 +50,14 @@ pub struct DevArgs {
     /// How long each sidecar may take to print its ready line.
     #[arg(long, default_value = "20s", value_parser = crate::cli::duration)]
     pub ready_timeout: Duration,
+    /// Do not run the demo traffic (by default a consumer app acks at every group member and
+    /// the producer pod publishes one message per topic every `--demo-interval`, each
+    /// delivery printed with the pod and zone that got it).
+    #[arg(long)]
+    pub no_demo: bool,
+    /// How often the demo producer publishes (Go duration).
+    #[arg(long, default_value = "2s", value_parser = crate::cli::duration)]
+    pub demo_interval: Duration,
     /// Grace period each sidecar gets to drain after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = crate::cli::duration)]
     pub shutdown_grace: Duration,
@@ -115,7 +125,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut mesh = Mesh::start_planned(&config, planned).await?;
     print!("{}", sidecars_table(&mesh));
     print_hints(&mesh);
+    let stop_demo = tokio_util::sync::CancellationToken::new();
+    let mut demo = if args.no_demo {
+        tokio::task::JoinSet::new()
+    } else {
+        println!("demo traffic on (--no-demo turns it off):");
+        demo::start(&mesh, args.demo_interval, &stop_demo)
+    };
     let outcome = watch(&mut mesh, &args).await;
+    stop_demo.cancel();
+    while demo.join_next().await.is_some() {}
     println!(
         "stopping: SIGTERM to every sidecar (grace {:?})...",
         args.shutdown_grace

@@ -31,6 +31,8 @@ async fn dev_quickstart_publish_consume_ctrl_c() -> anyhow::Result<()> {
             "1s",
             "--exit-after",
             "120s",
+            // This test counts its own messages; the demo traffic has a test of its own.
+            "--no-demo",
         ])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -127,5 +129,72 @@ async fn dev_quickstart_publish_consume_ctrl_c() -> anyhow::Result<()> {
     assert!(status.success(), "dev exited with {status}");
     assert!(printed("all sidecars stopped cleanly"));
     assert!(data.path().join("routing.json").is_file());
+    Ok(())
+}
+
+/// The README's main job with nothing else typed: the demo traffic shows messages published
+/// by the producer pod and delivered, preferring the member in the producer's zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_demo_shows_messages_flowing() -> anyhow::Result<()> {
+    let ferryctl = ferryctl_bin()?;
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+    let data = tempfile::tempdir()?;
+    let [a, b, c] = next_subnet();
+    let subnet = format!("{a}.{b}.{c}");
+    let mut dev = Command::new(&ferryctl)
+        .arg("dev")
+        .arg(&quickstart)
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "--subnet",
+            &subnet,
+            "--demo-interval",
+            "200ms",
+            "--exit-after",
+            "120s",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let output = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut lines = BufReader::new(dev.stdout.take().expect("piped")).lines();
+    let sink = output.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            println!("dev| {line}");
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let count = |needle: &str| {
+        output
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "three demo messages delivered and acked",
+        || count("got \"demo message") >= 3,
+    )
+    .await?;
+    // The producer pod is in zone-a and billing has a live member there: PreferSameZone.
+    let lines = output.lock().unwrap().clone();
+    let delivered: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("got \"demo message"))
+        .collect();
+    assert!(
+        delivered.iter().all(|l| l.contains("billing-a (zone-a)")),
+        "deliveries left the producer's zone: {delivered:?}"
+    );
+    assert!(count("published demo message 1 to default/orders") == 1);
+    if let Some(pid) = dev.id() {
+        kill(Pid::from_raw(pid as i32), Signal::SIGINT)?;
+    }
+    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait()).await??;
+    assert!(status.success(), "ferryctl dev exited with {status}");
     Ok(())
 }
