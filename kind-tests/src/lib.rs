@@ -20,6 +20,7 @@
 
 pub mod control_plane;
 pub mod crds;
+pub mod tools;
 pub mod wait;
 
 pub use control_plane::ControlPlane;

@@ -1,9 +1,14 @@
 # Sourced by kind-tests/control-plane.sh for `install`: builds the pinned etcd, etcdctl,
-# kube-apiserver and kubectl from the Go modules next to this file and caches them by
+# kube-apiserver, kubectl and helm from the Go modules next to this file and caches them by
 # version. Uses the variables and helpers that control-plane.sh defines (K8S_VERSION,
-# ETCD_VERSION, K8S_BIN, ETCD_BIN, TOOLS_DIR, TOOLS_SRC, log, die, now_ms, elapsed).
+# ETCD_VERSION, K8S_BIN, ETCD_BIN, TOOLS_DIR, TOOLS_SRC, modver, log, die, now_ms, elapsed).
 # shellcheck shell=bash
 # shellcheck disable=SC2154
+
+# helm, for the chart tests: pinned by tools/helm/go.mod, cached in $TOOLS_DIR/helm-<version>/.
+HELM_VERSION=$(modver "$TOOLS_SRC/helm/go.mod" helm.sh/helm/v3)
+[[ -n $HELM_VERSION ]] || die "cannot read the pinned helm version from $TOOLS_SRC/helm/go.mod"
+HELM_BIN=$TOOLS_DIR/helm-$HELM_VERSION
 
 APT_UPDATED=
 # ensure_cmd COMMAND PACKAGE [optional]: install the Debian PACKAGE when COMMAND is missing.
@@ -84,6 +89,29 @@ build_k8s() {
 		kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver kubectl=k8s.io/kubernetes/cmd/kubectl
 }
 
+helm_ok() {
+	[[ -x $HELM_BIN/helm ]] || return 1
+	reports "$HELM_VERSION" "$HELM_BIN/helm" version --template '{{.Version}}'
+}
+
+build_helm() {
+	local client_go minor ld="-s -w" pkg
+	# The stamps of helm's own Makefile: its version, and the Kubernetes version that
+	# `helm lint` and `helm template` assume (.Capabilities.KubeVersion), derived from the
+	# client-go it is built with (v0.N.x is Kubernetes 1.N); without them helm reports
+	# v3.x and assumes Kubernetes 1.20.
+	client_go=$(modver "$TOOLS_SRC/helm/go.mod" k8s.io/client-go)
+	minor=${client_go#v0.}
+	minor=${minor%%.*}
+	[[ $minor =~ ^[0-9]+$ ]] || die "cannot read k8s.io/client-go's version from $TOOLS_SRC/helm/go.mod"
+	ld+=" -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+	ld+=" -X helm.sh/helm/v3/internal/version.metadata= -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+	for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+		ld+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+	done
+	go_build "$TOOLS_SRC/helm" "$HELM_BIN" "$ld" helm=helm.sh/helm/v3/cmd/helm
+}
+
 build_etcd() {
 	go_build "$TOOLS_SRC/etcd" "$ETCD_BIN" "-s -w" etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3
 }
@@ -99,8 +127,8 @@ install_all() {
 	mkdir -p "$TOOLS_DIR"
 	exec 9>"$TOOLS_DIR/.install.lock"
 	flock 9 # one install at a time (parallel test binaries)
-	if ! etcd_ok || ! k8s_ok; then
-		command -v go >/dev/null 2>&1 || die "Go is needed to build etcd and Kubernetes (see $TOOLS_SRC/*/go.mod)"
+	if ! etcd_ok || ! k8s_ok || ! helm_ok; then
+		command -v go >/dev/null 2>&1 || die "Go is needed to build etcd, Kubernetes and helm (see $TOOLS_SRC/*/go.mod)"
 	fi
 	if etcd_ok; then
 		log "etcd $ETCD_VERSION: cached in $ETCD_BIN"
@@ -120,10 +148,20 @@ install_all() {
 		k8s_ok || die "the Kubernetes build in $K8S_BIN does not report version $K8S_VERSION"
 		log "built kube-apiserver and kubectl $K8S_VERSION in $(elapsed "$t")"
 	fi
+	if helm_ok; then
+		log "helm $HELM_VERSION: cached in $HELM_BIN"
+	else
+		t=$(now_ms)
+		log "building helm $HELM_VERSION into $HELM_BIN (minutes on a cold Go cache)"
+		build_helm
+		helm_ok || die "the helm build in $HELM_BIN does not report version $HELM_VERSION"
+		log "built helm $HELM_VERSION in $(elapsed "$t")"
+	fi
 	flock -u 9
 	echo "etcd $("$ETCD_BIN/etcd" --version | awk '/^etcd Version:/ {print $3}') $ETCD_BIN/etcd"
 	echo "etcdctl $("$ETCD_BIN/etcdctl" version | awk '/^etcdctl version:/ {print $3}') $ETCD_BIN/etcdctl"
 	echo "kube-apiserver $("$K8S_BIN/kube-apiserver" --version | awk '{print $2}') $K8S_BIN/kube-apiserver"
 	echo "kubectl $("$K8S_BIN/kubectl" version --client | awk '/^Client Version:/ {print $3}') $K8S_BIN/kubectl"
+	echo "helm $("$HELM_BIN/helm" version --template '{{.Version}}') $HELM_BIN/helm"
 	log "install done in $(elapsed "$t0")"
 }
