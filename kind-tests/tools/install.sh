@@ -10,6 +10,11 @@ HELM_VERSION=$(modver "$TOOLS_SRC/helm/go.mod" helm.sh/helm/v3)
 [[ -n $HELM_VERSION ]] || die "cannot read the pinned helm version from $TOOLS_SRC/helm/go.mod"
 HELM_BIN=$TOOLS_DIR/helm-$HELM_VERSION
 
+# grpcurl, to check the sidecar's app API through gRPC reflection: pinned by tools/grpcurl/go.mod.
+GRPCURL_VERSION=$(modver "$TOOLS_SRC/grpcurl/go.mod" github.com/fullstorydev/grpcurl)
+[[ -n $GRPCURL_VERSION ]] || die "cannot read the pinned grpcurl version from $TOOLS_SRC/grpcurl/go.mod"
+GRPCURL_BIN=$TOOLS_DIR/grpcurl-$GRPCURL_VERSION
+
 APT_UPDATED=
 # ensure_cmd COMMAND PACKAGE [optional]: install the Debian PACKAGE when COMMAND is missing.
 ensure_cmd() {
@@ -112,6 +117,16 @@ build_helm() {
 	go_build "$TOOLS_SRC/helm" "$HELM_BIN" "$ld" helm=helm.sh/helm/v3/cmd/helm
 }
 
+grpcurl_ok() {
+	[[ -x $GRPCURL_BIN/grpcurl ]] || return 1
+	[[ $("$GRPCURL_BIN/grpcurl" -version 2>&1) == "grpcurl $GRPCURL_VERSION" ]]
+}
+
+build_grpcurl() {
+	go_build "$TOOLS_SRC/grpcurl" "$GRPCURL_BIN" "-s -w -X main.version=$GRPCURL_VERSION" \
+		grpcurl=github.com/fullstorydev/grpcurl/cmd/grpcurl
+}
+
 build_etcd() {
 	go_build "$TOOLS_SRC/etcd" "$ETCD_BIN" "-s -w" etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3
 }
@@ -127,7 +142,7 @@ install_all() {
 	mkdir -p "$TOOLS_DIR"
 	exec 9>"$TOOLS_DIR/.install.lock"
 	flock 9 # one install at a time (parallel test binaries)
-	if ! etcd_ok || ! k8s_ok || ! helm_ok; then
+	if ! etcd_ok || ! k8s_ok || ! helm_ok || ! grpcurl_ok; then
 		command -v go >/dev/null 2>&1 || die "Go is needed to build etcd, Kubernetes and helm (see $TOOLS_SRC/*/go.mod)"
 	fi
 	if etcd_ok; then
@@ -157,11 +172,21 @@ install_all() {
 		helm_ok || die "the helm build in $HELM_BIN does not report version $HELM_VERSION"
 		log "built helm $HELM_VERSION in $(elapsed "$t")"
 	fi
+	if grpcurl_ok; then
+		log "grpcurl $GRPCURL_VERSION: cached in $GRPCURL_BIN"
+	else
+		t=$(now_ms)
+		log "building grpcurl $GRPCURL_VERSION into $GRPCURL_BIN"
+		build_grpcurl
+		grpcurl_ok || die "the grpcurl build in $GRPCURL_BIN does not report version $GRPCURL_VERSION"
+		log "built grpcurl $GRPCURL_VERSION in $(elapsed "$t")"
+	fi
 	flock -u 9
 	echo "etcd $("$ETCD_BIN/etcd" --version | awk '/^etcd Version:/ {print $3}') $ETCD_BIN/etcd"
 	echo "etcdctl $("$ETCD_BIN/etcdctl" version | awk '/^etcdctl version:/ {print $3}') $ETCD_BIN/etcdctl"
 	echo "kube-apiserver $("$K8S_BIN/kube-apiserver" --version | awk '{print $2}') $K8S_BIN/kube-apiserver"
 	echo "kubectl $("$K8S_BIN/kubectl" version --client | awk '/^Client Version:/ {print $3}') $K8S_BIN/kubectl"
 	echo "helm $("$HELM_BIN/helm" version --template '{{.Version}}') $HELM_BIN/helm"
+	echo "grpcurl $("$GRPCURL_BIN/grpcurl" -version 2>&1 | awk '{print $2}') $GRPCURL_BIN/grpcurl"
 	log "install done in $(elapsed "$t0")"
 }

@@ -9,6 +9,7 @@ mod process {
     pub mod dead_letter;
     pub mod delivery_counts;
     pub mod dev_cli;
+    pub mod grpcurl;
     pub mod kill9;
     pub mod load_baseline;
     pub mod torn_tail;
