@@ -1,5 +1,8 @@
 //! The admin port: `/metrics` (Prometheus text), `/healthz` (the process serves) and
 //! `/readyz` (listeners bound, routing table loaded, not draining).
+//!
+//! With the etcd routing source, `/readyz` adds a line about etcd and stays ready during
+//! an etcd outage once a table was loaded (see [`SourceStatus::readiness`] for why).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
@@ -13,20 +16,60 @@ use axum::routing::get;
 
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::routing::etcd::SourceStatus;
 
 #[derive(Debug, Clone)]
 struct AdminState {
     engine: Arc<Engine>,
     ready: Arc<AtomicBool>,
+    routing: Option<Arc<SourceStatus>>,
+    /// Serialises the copy of source counters into metrics between concurrent scrapes.
+    refresh: Arc<std::sync::Mutex<()>>,
 }
 
 /// The admin router; `ready` turns true once the sidecar serves.
 pub fn router(engine: Arc<Engine>, ready: Arc<AtomicBool>) -> Router {
+    router_with_routing(engine, ready, None)
+}
+
+/// [`router`] that also reports the etcd routing source's `status`.
+pub fn router_with_routing(
+    engine: Arc<Engine>,
+    ready: Arc<AtomicBool>,
+    routing: Option<Arc<SourceStatus>>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { engine, ready })
+        .with_state(AdminState {
+            engine,
+            ready,
+            routing,
+            refresh: Arc::default(),
+        })
+}
+
+/// Copies the routing source's state into metrics (called before each scrape). Without
+/// an etcd source (file or static table) the source counts as connected.
+pub fn refresh_routing(engine: &Engine, status: Option<&SourceStatus>) {
+    let m = &engine.metrics;
+    m.routing_revision.set(engine.table().revision);
+    let Some(status) = status else {
+        m.routing_source_connected.set(1);
+        return;
+    };
+    m.routing_source_connected
+        .set(i64::from(status.connected()));
+    for (counter, value) in [
+        (&m.routing_relists, status.relists()),
+        (&m.routing_bad_values, status.bad_values()),
+    ] {
+        let seen = counter.get();
+        if value > seen {
+            counter.inc_by(value - seen);
+        }
+    }
 }
 
 /// Copies store counters into gauges (called before each scrape).
@@ -51,6 +94,13 @@ pub fn refresh_gauges(engine: &Engine) {
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     refresh_gauges(&s.engine);
+    {
+        let _one = s
+            .refresh
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        refresh_routing(&s.engine, s.routing.as_deref());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -62,10 +112,15 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     if !s.ready.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned())
     } else if s.engine.draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned())
+    } else if let Some(routing) = &s.routing {
+        match routing.readiness() {
+            (true, why) => (StatusCode::OK, format!("ready\n{why}\n")),
+            (false, why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        }
     } else {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_owned())
     }
 }

@@ -52,6 +52,15 @@ pub struct Config {
     /// Local mode: a JSON `RoutingTable`, re-read when it changes.
     #[arg(long, env = "FERRY_ROUTING_FILE")]
     pub routing_file: Option<PathBuf>,
+    /// Cluster mode: etcd client URLs (comma-separated) holding the routing table, listed
+    /// and watched. Exclusive with `--routing-file`.
+    #[arg(
+        long,
+        env = "FERRY_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        conflicts_with = "routing_file"
+    )]
+    pub etcd_endpoints: Vec<String>,
     /// Time to drain the backlog after SIGTERM before exiting anyway (e.g. `25s`, `500ms`).
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -84,6 +93,7 @@ impl Config {
             advertise_addr: None,
             admin_addr: any,
             routing_file: None,
+            etcd_endpoints: Vec::new(),
             shutdown_grace: Duration::from_secs(5),
             service_account: "default".into(),
             async_sync_interval: Duration::from_millis(50),
@@ -122,6 +132,16 @@ impl Config {
                 "advertise-addr",
                 format!("{a} cannot be dialed by other sidecars"),
             );
+        }
+        // clap's `conflicts_with` also sees the environment; this covers `Config` built in code.
+        if self.routing_file.is_some() && !self.etcd_endpoints.is_empty() {
+            return bad(
+                "etcd-endpoints",
+                "cannot be used with --routing-file: pick one routing source".into(),
+            );
+        }
+        if self.etcd_endpoints.iter().any(|e| e.trim().is_empty()) {
+            return bad("etcd-endpoints", "an endpoint is empty".into());
         }
         if self.shutdown_grace.is_zero() {
             return bad("shutdown-grace", "must be greater than 0".into());
@@ -162,6 +182,36 @@ mod tests {
         assert_eq!(c.app_grpc_addr.port(), ferry_api::consts::APP_GRPC_PORT);
         assert_eq!(c.peer_addr.port(), ferry_api::consts::PEER_GRPC_PORT);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn etcd_endpoints_exclude_the_routing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let c = Config::try_parse_from([
+            "ferry-sidecar",
+            "--pod-name=p",
+            "--data-dir",
+            data,
+            "--etcd-endpoints=http://a:2379,http://b:2379",
+        ])
+        .unwrap();
+        assert_eq!(c.etcd_endpoints, ["http://a:2379", "http://b:2379"]);
+        c.validate().unwrap();
+        let both = Config::try_parse_from([
+            "ferry-sidecar",
+            "--pod-name=p",
+            "--data-dir",
+            data,
+            "--etcd-endpoints=http://a:2379",
+            "--routing-file=/tmp/r.json",
+        ]);
+        assert!(both.is_err());
+        let mut c = Config::local("p", "ns", "z", dir.path().into());
+        c.routing_file = Some("/tmp/r.json".into());
+        c.etcd_endpoints = vec!["http://a:2379".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--etcd-endpoints"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use ferry_sidecar::Config;
+use ferry_sidecar::routing::etcd::{EtcdOptions, EtcdSource};
 use ferry_sidecar::routing::{FileSource, RoutingSource, StaticSource};
 use ferry_sidecar::runtime::Sidecar;
 
@@ -17,18 +18,28 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = Config::parse();
+    let mut status = None;
     let source: Box<dyn RoutingSource> = match &config.routing_file {
         Some(path) => Box::new(FileSource::new(path.clone())),
+        None if !config.etcd_endpoints.is_empty() => {
+            let etcd = EtcdSource::new(EtcdOptions::new(config.etcd_endpoints.clone()))
+                .context("starting the sidecar")?;
+            status = Some(etcd.status());
+            Box::new(etcd)
+        }
         None => {
             tracing::warn!(
-                "no --routing-file: starting with an empty routing table (etcd source not built yet)"
+                "neither --routing-file nor --etcd-endpoints: starting with an empty routing table"
             );
             Box::new(StaticSource::new(Default::default()))
         }
     };
-    let sidecar = Sidecar::bind(config)
+    let mut sidecar = Sidecar::bind(config)
         .await
         .context("starting the sidecar")?;
+    if let Some(status) = status {
+        sidecar = sidecar.with_routing_status(status);
+    }
     let running = sidecar
         .start(source)
         .await

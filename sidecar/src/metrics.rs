@@ -60,6 +60,17 @@ pub struct Metrics {
     pub oldest_age_seconds: Family<SubLabels, Gauge<f64, AtomicU64>>,
     /// From publish to the consuming app's ack, as the producer sees it.
     pub publish_to_ack_seconds: HistogramFamily<SubLabels>,
+    /// fsyncs of each topic's log (group commit makes this far lower than messages).
+    pub fsyncs: Family<TopicLabels, Counter>,
+    /// 1 while the routing source can be read (a live etcd watch; always 1 for a file or
+    /// static source), 0 while the sidecar routes with its last table.
+    pub routing_source_connected: Gauge,
+    /// Revision of the routing table in force.
+    pub routing_revision: Gauge,
+    /// Times the etcd source listed the table again (after a compaction or a cancel).
+    pub routing_relists: Counter,
+    /// Routing-table keys or values skipped because they did not decode.
+    pub routing_bad_values: Counter,
 }
 
 impl Default for Metrics {
@@ -85,6 +96,11 @@ impl Metrics {
             backlog_bytes: Family::default(),
             oldest_age_seconds: Family::default(),
             publish_to_ack_seconds: Family::new_with_constructor(latency_histogram),
+            fsyncs: Family::default(),
+            routing_source_connected: Gauge::default(),
+            routing_revision: Gauge::default(),
+            routing_relists: Counter::default(),
+            routing_bad_values: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -142,6 +158,27 @@ impl Metrics {
             "publish_to_ack_seconds",
             "Time from publish to the consuming app's ack",
             m.publish_to_ack_seconds.clone(),
+        );
+        registry.register("fsyncs", "fsyncs of the topic's log", m.fsyncs.clone());
+        registry.register(
+            "routing_source_connected",
+            "1 while the routing source is reachable, 0 while routing with the last table",
+            m.routing_source_connected.clone(),
+        );
+        registry.register(
+            "routing_revision",
+            "Revision of the routing table in force",
+            m.routing_revision.clone(),
+        );
+        registry.register(
+            "routing_relists",
+            "Times the routing table was listed again from etcd",
+            m.routing_relists.clone(),
+        );
+        registry.register(
+            "routing_bad_values",
+            "Routing-table entries skipped because they did not decode",
+            m.routing_bad_values.clone(),
         );
         Self { registry, ..m }
     }

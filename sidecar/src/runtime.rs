@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::peer::PEER_MAX_MESSAGE;
 use crate::peer::server::PeerService;
 use crate::routing::RoutingSource;
+use crate::routing::etcd::SourceStatus;
 
 /// How long tasks get to finish after the stop signal before they are abandoned.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -46,6 +47,8 @@ pub struct Sidecar {
     config: Config,
     listeners: [TcpListener; 4],
     addrs: Addrs,
+    /// The etcd source's status, reported on the admin port.
+    routing_status: Option<Arc<SourceStatus>>,
 }
 
 async fn bind(flag: &str, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -91,7 +94,15 @@ impl Sidecar {
             config,
             listeners: [app_grpc, app_http, peer, admin],
             addrs,
+            routing_status: None,
         })
+    }
+
+    /// Reports `status` (from [`crate::routing::etcd::EtcdSource::status`]) in `/metrics`
+    /// and `/readyz`.
+    pub fn with_routing_status(mut self, status: Arc<SourceStatus>) -> Self {
+        self.routing_status = Some(status);
+        self
     }
 
     /// Where it listens.
@@ -187,7 +198,8 @@ impl Sidecar {
             axum::serve(app_http, router).with_graceful_shutdown(stop.clone().cancelled_owned());
         tasks.push(("app HTTP", spawn_server("app HTTP", server.into_future())));
 
-        let router = crate::admin::router(engine.clone(), ready.clone());
+        let router =
+            crate::admin::router_with_routing(engine.clone(), ready.clone(), self.routing_status);
         let server =
             axum::serve(admin, router).with_graceful_shutdown(stop.clone().cancelled_owned());
         tasks.push((

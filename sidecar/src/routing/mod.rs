@@ -1,6 +1,7 @@
 //! Routing: where the table comes from ([`source`]) and how names in requests resolve
 //! against it.
 
+pub mod etcd;
 pub mod source;
 
 pub use source::{FileSource, RoutingSource, StaticSource};
