@@ -1,0 +1,148 @@
+//! The `Ready` condition and status writes by server-side apply.
+//!
+//! A status is computed in full, compared with the one the object already has, and only
+//! sent when they differ: a second reconcile of a converged resource sends no patch and
+//! its `resourceVersion` stays put. `lastTransitionTime` is carried over while the
+//! condition's status does not change, so that it does not make every status "new".
+
+use std::fmt::Debug;
+
+use ferry_api::consts::FIELD_MANAGER;
+use ferry_api::crd::{Condition, condition_types};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::Context;
+use crate::error::{Error, Result};
+use crate::metrics::KindLabels;
+
+/// The `Ready` condition's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub ready: bool,
+    /// A CamelCase reason (`Published`, `TopicNotFound`, ...).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Ready {
+    pub fn yes(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            ready: true,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn no(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            ready: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The `Ready` condition for `generation`, keeping the previous `lastTransitionTime` when
+/// the status (`True`/`False`) is unchanged.
+pub fn ready_condition(
+    ready: &Ready,
+    generation: Option<i64>,
+    previous: &[Condition],
+) -> Condition {
+    let status = if ready.ready { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == condition_types::READY && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(now);
+    Condition {
+        type_: condition_types::READY.into(),
+        status: status.into(),
+        reason: ready.reason.into(),
+        message: ready.message.clone(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Now, to the second: the API server stores conditions' times to the second, so a finer
+/// time would never compare equal to what comes back.
+fn now() -> Time {
+    let now = Timestamp::now();
+    Time(Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// Sends `desired` as the object's status by server-side apply (field manager
+/// `ferry-operator`, forced), unless `current` already equals it. Returns whether a patch
+/// was sent.
+pub async fn apply_status<K, S>(
+    api: &Api<K>,
+    name: &str,
+    current: Option<&S>,
+    desired: &S,
+    ctx: &Context,
+) -> Result<bool>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: PartialEq + Serialize,
+{
+    if current == Some(desired) {
+        return Ok(false);
+    }
+    // A replica that lost the Lease must not fight the new leader over statuses either.
+    ctx.writer.guard().check()?;
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": desired,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    ctx.metrics
+        .status_patches
+        .get_or_create(&KindLabels {
+            kind: K::kind(&()).into_owned(),
+        })
+        .inc();
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_transition_time_is_kept_while_the_status_holds() {
+        let first = ready_condition(
+            &Ready::no("TopicNotFound", "topic a/b not found"),
+            Some(1),
+            &[],
+        );
+        let mut old = first.clone();
+        old.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        let same = ready_condition(
+            &Ready::no("GroupNotFound", "group"),
+            Some(2),
+            &[old.clone()],
+        );
+        assert_eq!(same.last_transition_time, old.last_transition_time);
+        assert_eq!(
+            (same.reason.as_str(), same.observed_generation),
+            ("GroupNotFound", Some(2))
+        );
+        let flipped = ready_condition(&Ready::yes("Published", "ok"), Some(2), &[old.clone()]);
+        assert_ne!(flipped.last_transition_time, old.last_transition_time);
+        assert_eq!(flipped.status, "True");
+        assert_eq!(first.last_transition_time.0.subsec_nanosecond(), 0);
+    }
+}

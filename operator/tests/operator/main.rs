@@ -1,0 +1,14 @@
+//! The operator against a real etcd and kube-apiserver (the shared control plane of
+//! `ferry-kind-tests`), run in process, each test in its own namespace with its own Lease
+//! and fencing key. Every wait is a condition with a deadline.
+//!
+//! - `resources`: CRs → etcd keys and Ready statuses, missing references, finalizers;
+//! - `membership`: pods and nodes → members, within the design's 2 s;
+//! - `leadership`: restart idempotency, fencing of a stale leader;
+//! - `webhook`: sidecar injection through the real API server.
+
+mod leadership;
+mod membership;
+mod resources;
+mod support;
+mod webhook;
