@@ -36,6 +36,21 @@ ensure_cmd() {
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
 }
 
+# ensure_file FILE PACKAGE: install the Debian PACKAGE when FILE is missing.
+ensure_file() {
+	[[ -e $1 ]] && return 0
+	if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+		die "'$1' is missing: install the Debian package $2"
+	fi
+	if [[ -z $APT_UPDATED ]]; then
+		log "apt-get update"
+		apt-get update -qq >&2
+		APT_UPDATED=1
+	fi
+	log "installing $2 (for $1)"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
+}
+
 # reports LINE CMD...: CMD succeeds and prints LINE. (Not `CMD | grep -q`: with pipefail,
 # grep quitting early can make CMD fail with SIGPIPE.)
 reports() {
@@ -137,6 +152,10 @@ install_all() {
 	ensure_cmd openssl openssl
 	ensure_cmd curl curl
 	ensure_cmd flock util-linux
+	# etcd-client (operator, sidecar) compiles etcd's protos at build time: protoc and
+	# Google's well-known .proto files.
+	ensure_cmd protoc protobuf-compiler
+	ensure_file /usr/include/google/protobuf/descriptor.proto libprotobuf-dev
 	ensure_cmd ip iproute2 optional
 	ensure_cmd iptables iptables optional
 	mkdir -p "$TOOLS_DIR"
