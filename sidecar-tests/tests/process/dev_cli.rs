@@ -12,41 +12,79 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+/// `ferryctl dev examples/quickstart` on a fresh subnet and data folder, with extra
+/// arguments; its stdout lines are echoed and collected.
+struct Dev {
+    child: tokio::process::Child,
+    output: Arc<Mutex<Vec<String>>>,
+    subnet: String,
+    data: tempfile::TempDir,
+}
+
+impl Dev {
+    async fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let data = tempfile::tempdir()?;
+        let [a, b, c] = next_subnet();
+        let subnet = format!("{a}.{b}.{c}");
+        let mut child = Command::new(ferryctl_bin()?)
+            .arg("dev")
+            .arg(&quickstart)
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--subnet", &subnet, "--exit-after", "120s"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let output = Arc::new(Mutex::new(Vec::<String>::new()));
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let sink = output.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                println!("dev| {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Ok(Self {
+            child,
+            output,
+            subnet,
+            data,
+        })
+    }
+
+    /// The printed lines that contain `needle`.
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        let output = self.output.lock().unwrap();
+        output
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    fn printed(&self, needle: &str) -> bool {
+        !self.lines_with(needle).is_empty()
+    }
+
+    /// Ctrl-C, then a clean exit.
+    async fn interrupt(&mut self) -> anyhow::Result<()> {
+        let pid = i32::try_from(self.child.id().expect("running"))?;
+        kill(Pid::from_raw(pid), Signal::SIGINT)?;
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
+        assert!(status.success(), "dev exited with {status}");
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_quickstart_publish_consume_ctrl_c() -> anyhow::Result<()> {
     let ferryctl = ferryctl_bin()?;
-    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-    let data = tempfile::tempdir()?;
-    let [a, b, c] = next_subnet();
-    let subnet = format!("{a}.{b}.{c}");
-    let mut dev = Command::new(&ferryctl)
-        .arg("dev")
-        .arg(&quickstart)
-        .arg("--data-dir")
-        .arg(data.path())
-        .args([
-            "--subnet",
-            &subnet,
-            "--interval",
-            "1s",
-            "--exit-after",
-            "120s",
-            // This test counts its own messages; the demo traffic has a test of its own.
-            "--no-demo",
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let output = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut lines = BufReader::new(dev.stdout.take().expect("piped")).lines();
-    let sink = output.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            println!("dev| {line}");
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let printed = |needle: &str| output.lock().unwrap().iter().any(|l| l.contains(needle));
+    // This test counts its own messages; the demo traffic has a test of its own.
+    let mut dev = Dev::start(&["--interval", "1s", "--no-demo"]).await?;
+    let subnet = dev.subnet.clone();
+    let printed = |needle: &str| dev.printed(needle);
     wait_for(
         Duration::from_secs(60),
         "dev prints that the mesh is up",
@@ -122,13 +160,9 @@ async fn dev_quickstart_publish_consume_ctrl_c() -> anyhow::Result<()> {
     })
     .await?;
 
-    // Ctrl-C.
-    let pid = i32::try_from(dev.id().expect("running"))?;
-    kill(Pid::from_raw(pid), Signal::SIGINT)?;
-    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait()).await??;
-    assert!(status.success(), "dev exited with {status}");
-    assert!(printed("all sidecars stopped cleanly"));
-    assert!(data.path().join("routing.json").is_file());
+    dev.interrupt().await?;
+    assert!(dev.printed("all sidecars stopped cleanly"));
+    assert!(dev.data.path().join("routing.json").is_file());
     Ok(())
 }
 
@@ -136,65 +170,24 @@ async fn dev_quickstart_publish_consume_ctrl_c() -> anyhow::Result<()> {
 /// by the producer pod and delivered, preferring the member in the producer's zone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_demo_shows_messages_flowing() -> anyhow::Result<()> {
-    let ferryctl = ferryctl_bin()?;
-    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-    let data = tempfile::tempdir()?;
-    let [a, b, c] = next_subnet();
-    let subnet = format!("{a}.{b}.{c}");
-    let mut dev = Command::new(&ferryctl)
-        .arg("dev")
-        .arg(&quickstart)
-        .arg("--data-dir")
-        .arg(data.path())
-        .args([
-            "--subnet",
-            &subnet,
-            "--demo-interval",
-            "200ms",
-            "--exit-after",
-            "120s",
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let output = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut lines = BufReader::new(dev.stdout.take().expect("piped")).lines();
-    let sink = output.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            println!("dev| {line}");
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let count = |needle: &str| {
-        output
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    };
+    let mut dev = Dev::start(&["--demo-interval", "200ms"]).await?;
     wait_for(
         Duration::from_secs(60),
         "three demo messages delivered and acked",
-        || count("got \"demo message") >= 3,
+        || dev.lines_with("got \"demo message").len() >= 3,
     )
     .await?;
     // The producer pod is in zone-a and billing has a live member there: PreferSameZone.
-    let lines = output.lock().unwrap().clone();
-    let delivered: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.contains("got \"demo message"))
-        .collect();
+    let delivered = dev.lines_with("got \"demo message");
     assert!(
         delivered.iter().all(|l| l.contains("billing-a (zone-a)")),
         "deliveries left the producer's zone: {delivered:?}"
     );
-    assert!(count("published demo message 1 to default/orders") == 1);
-    if let Some(pid) = dev.id() {
-        kill(Pid::from_raw(pid as i32), Signal::SIGINT)?;
-    }
-    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait()).await??;
-    assert!(status.success(), "ferryctl dev exited with {status}");
+    assert_eq!(
+        dev.lines_with("published demo message 1 to default/orders")
+            .len(),
+        1
+    );
+    dev.interrupt().await?;
     Ok(())
 }
