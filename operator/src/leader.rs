@@ -72,6 +72,9 @@ impl LeaseGuard {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if Instant::now() >= valid_until {
+            if !self.inner.lost.is_cancelled() {
+                warn!("no lease renewal within the renew deadline: stepping down");
+            }
             self.step_down();
             return Err(Error::NotLeader);
         }
@@ -321,8 +324,8 @@ impl LeaderElector {
                 Ok(Err(error)) => warn!(lease = %self.name, %error, "renewing the lease failed"),
                 Err(_) => warn!(lease = %self.name, "renewing the lease timed out"),
             }
+            // `check` logs the step-down when the deadline has passed.
             if guard.check().is_err() {
-                warn!(lease = %self.name, "no renewal within the renew deadline: stepping down");
                 return;
             }
         }
