@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// Durabilities to measure.
     #[arg(long, value_delimiter = ',', default_value = "Memory,DiskAsync,Disk")]
     pub durabilities: Vec<String>,
+    /// Publish modes to measure: `unary` (one call per message) and `stream` (batches on
+    /// one `PublishStream`).
+    #[arg(long, value_delimiter = ',', default_value = "unary,stream")]
+    pub modes: Vec<String>,
     /// Concurrent unary publishes in per-message mode.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -127,6 +131,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     },
                 ),
             ] {
+                if !args.modes.iter().any(|m| m == label) {
+                    continue;
+                }
                 scenarios.push(Scenario {
                     id: format!("{}-{size}-{label}", d.to_ascii_lowercase()),
                     topic: format!("default/{}", topic_name(d)),

@@ -150,6 +150,24 @@ pub async fn wait_for(
     }
 }
 
+/// What a producer sidecar logs when it starts on a recovered log with unsettled messages:
+/// "redelivering N unsettled messages of <topic>/<subscription> after restart".
+const REDELIVERY_LOG: &str = " unsettled messages of ";
+
+/// The sum of N over a sidecar's "redelivering N unsettled messages of `what` after
+/// restart" lines (`what` is `<topic>/<subscription>`): how many duplicates a restart can
+/// explain.
+pub fn logged_redeliveries(lines: &[String], what: &str) -> u64 {
+    lines
+        .iter()
+        .filter(|l| l.contains(REDELIVERY_LOG) && l.contains(&format!("{what} after restart")))
+        .filter_map(|l| {
+            let rest = &l[l.find("redelivering ")? + "redelivering ".len()..];
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// Publishes one message with its attempt and ack recorded; returns the gRPC status on
 /// failure (the message then counts as attempted, not acked).
 pub async fn publish(

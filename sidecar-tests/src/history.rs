@@ -175,6 +175,23 @@ impl History {
             .collect()
     }
 
+    /// Ids of every publish attempted so far (acked or not).
+    pub fn attempted_ids(&self) -> BTreeSet<String> {
+        self.lock().published.keys().cloned().collect()
+    }
+
+    /// Deliveries of a message to `group` after its first one there, in arrival order:
+    /// the duplicates, each with the attempt number the sidecar gave it.
+    pub fn repeats_to(&self, group: &str) -> Vec<Delivered> {
+        let h = self.lock();
+        let mut seen = BTreeSet::new();
+        h.deliveries
+            .iter()
+            .filter(|d| d.group == group && !seen.insert(d.message_id.as_str()))
+            .cloned()
+            .collect()
+    }
+
     /// Ids of acked publishes.
     pub fn acked_ids(&self) -> BTreeSet<String> {
         self.lock()

@@ -64,6 +64,16 @@ pub struct Engine {
     pub stop: CancellationToken,
 }
 
+/// A UUIDv7 message id (time-ordered) whose random part comes from the thread-local
+/// user-space generator: `Uuid::now_v7` asks the kernel (`getrandom`) for every id, which
+/// was 9 % of the producer's CPU when publishing streamed batches.
+fn new_message_id(now_ms: u64) -> String {
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(now_ms, &random)
+        .into_uuid()
+        .to_string()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -136,6 +146,11 @@ impl Engine {
         let data_dir = self.config.data_dir.clone();
         let options = StoreOptions {
             async_sync_interval: self.config.async_sync_interval,
+            fsyncs: self
+                .metrics
+                .fsyncs
+                .get_or_create(&Metrics::topic(topic))
+                .clone(),
         };
         let store =
             tokio::task::spawn_blocking(move || TopicStore::open(&entry, &data_dir, &options))
@@ -194,14 +209,22 @@ impl Engine {
         // Valid requests grouped by topic.
         let mut by_topic: HashMap<String, Vec<Pending>> = HashMap::new();
         let now = now_ms();
+        // Batches almost always name one topic: qualify it once, not per message.
+        let mut last: Option<(String, String)> = None;
         for (i, r) in requests.into_iter().enumerate() {
-            let topic = qualify(&self.identity.namespace, &r.topic);
-            match self.validate(&table, &topic, &r) {
+            if last.as_ref().is_none_or(|(raw, _)| *raw != r.topic) {
+                last = Some((r.topic.clone(), qualify(&self.identity.namespace, &r.topic)));
+            }
+            let Some((_, topic)) = &last else {
+                continue;
+            };
+            let topic = topic.as_str();
+            match self.validate(&table, topic, &r) {
                 Ok(()) => {}
                 Err(e) => {
                     self.metrics
                         .publish_errors
-                        .get_or_create(&Metrics::topic(&topic))
+                        .get_or_create(&Metrics::topic(topic))
                         .inc();
                     results[i] = Some(Err(e));
                     continue;
@@ -220,7 +243,7 @@ impl Engine {
                 ms => Duration::from_millis(ms),
             };
             let id = if r.message_id.is_empty() {
-                uuid::Uuid::now_v7().to_string()
+                new_message_id(now)
             } else {
                 r.message_id
             };
@@ -236,7 +259,7 @@ impl Engine {
                 ttl_ms: r.ttl_ms,
                 delay_ms: r.delay_ms,
             };
-            by_topic.entry(topic).or_default().push(Pending {
+            let pending = Pending {
                 index: i,
                 item: AppendItem {
                     message,
@@ -245,7 +268,13 @@ impl Engine {
                 level,
                 timeout,
                 delivered: delivered_rx,
-            });
+            };
+            match by_topic.get_mut(topic) {
+                Some(items) => items.push(pending),
+                None => {
+                    by_topic.insert(topic.to_owned(), vec![pending]);
+                }
+            }
         }
         let mut waits = Vec::new();
         for (topic, items) in by_topic {

@@ -18,7 +18,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::stats::Latencies;
-use crate::client::{self, App, ClientError, Consumer, Event};
+use ferry_api::proto::v1::app_client::AppClient;
+use tonic::transport::Endpoint;
+
+use crate::client::{App, ClientError, Consumer, Event};
 
 /// Header carrying the scenario id, so leftovers of an earlier scenario are not counted.
 const RUN_HEADER: &str = "bench-run";
@@ -71,9 +74,9 @@ pub async fn run(
     s: &Scenario,
     clock: Instant,
 ) -> Result<Outcome, ClientError> {
-    let mut consumer_app = client::connect(consumer_addr).await?;
+    let mut consumer_app = connect(consumer_addr).await?;
     let mut consumer = Consumer::subscribe(&mut consumer_app, &s.subscription, 4096).await?;
-    let producer = client::connect(producer_addr).await?;
+    let producer = connect(producer_addr).await?;
     let start = Instant::now();
     let deadline = start + s.deadline;
     let run_id = s.id.clone();
@@ -115,6 +118,32 @@ pub async fn run(
         last_delivery,
         latencies,
     })
+}
+
+/// HTTP/2 receive window of the bench's connections: a stream moves at most one window per
+/// round trip, and with the defaults 4 KiB deliveries measured the window, not the sidecar.
+const WINDOW: u32 = 8 << 20;
+
+/// Connects like [`client::connect`], with wide receive windows.
+async fn connect(addr: &str) -> Result<App, ClientError> {
+    let url = format!("http://{addr}");
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|source| ClientError::Address {
+            addr: addr.into(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW * 2);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: addr.into(),
+            source,
+        })?;
+    Ok(AppClient::new(channel).max_decoding_message_size(16 * 1024 * 1024))
 }
 
 fn request(s: &Scenario, payload: &Bytes, sent_at_us: u64) -> PublishRequest {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_sidecar_tests::harness::{
-    Behavior, TestMesh, publish, seeded_rng, spawn_consumer, wait_for,
+    Behavior, TestMesh, logged_redeliveries, publish, seeded_rng, spawn_consumer, wait_for,
 };
 use ferry_sidecar_tests::history::{Expect, History};
 use rand::Rng;
@@ -83,6 +83,8 @@ async fn producer_sidecar_kill9_loses_no_acked_message() -> anyhow::Result<()> {
         .collect();
 
     let kills = 2;
+    let mut outputs = Vec::new();
+    let mut attempted_before_kill = Default::default();
     for round in 1..=kills {
         let target = history.acked_ids().len() + rng.random_range(50..150);
         wait_for(
@@ -93,8 +95,9 @@ async fn producer_sidecar_kill9_loses_no_acked_message() -> anyhow::Result<()> {
         .await?;
         let acked_before = history.acked_ids().len();
         mesh.mesh.kill9("producer").await?;
+        attempted_before_kill = history.attempted_ids();
         println!("kill9 round {round}: SIGKILL after {acked_before} acked publishes");
-        mesh.mesh.restart("producer").await?;
+        outputs.push(mesh.mesh.restart("producer").await?.output.clone());
         println!("kill9 round {round}: restarted on the same data dir");
     }
     let target = history.acked_ids().len() + 50;
@@ -124,6 +127,27 @@ async fn producer_sidecar_kill9_loses_no_acked_message() -> anyhow::Result<()> {
     // Duplicates are allowed (a kill between the consumer's ack and the producer's record
     // of it) but bounded by the in-flight window per kill: maxInFlight 100 x 1 member.
     assert!(c.duplicated <= 100 * kills, "{c}");
+    // Each duplicate is explained: it is a redelivery (attempt >= 2, never a second first
+    // attempt), of a message published before a kill (in flight when the producer died),
+    // and the restarted producer logged how many it would send again.
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    let repeats = history.repeats_to("billing");
+    for d in &repeats {
+        assert!(d.attempt >= 2, "duplicate without a redelivery: {d:?}");
+        assert!(
+            attempted_before_kill.contains(&d.message_id),
+            "duplicate of a message published after the last kill: {d:?}"
+        );
+    }
+    let logged: u64 = outputs
+        .iter()
+        .map(|o| logged_redeliveries(&o.lines(), "default/orders/default/billing-orders"))
+        .sum();
+    println!(
+        "producer_sidecar_kill9: {} duplicates, {logged} redeliveries logged at restarts",
+        repeats.len()
+    );
+    assert!(repeats.len() as u64 <= logged, "{c}; logged {logged}");
     consumer.abort();
     Ok(())
 }

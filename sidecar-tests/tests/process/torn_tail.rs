@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_sidecar_tests::harness::{
-    Behavior, TestMesh, publish, seeded_rng, spawn_consumer, wait_for,
+    Behavior, TestMesh, logged_redeliveries, publish, seeded_rng, spawn_consumer, wait_for,
 };
 use ferry_sidecar_tests::history::{Expect, History};
 use rand::{Rng, RngCore};
@@ -102,6 +102,15 @@ async fn torn_tail_is_truncated_and_acked_records_survive() -> anyhow::Result<()
         for line in output.lines().iter().filter(|l| said_truncated(l)) {
             println!("torn_tail: sidecar said: {line}");
         }
+        // The consumer has no session yet, so nothing was acked: every message published so
+        // far is unsettled, and the restarted producer says it will send them again.
+        let subscription = "default/orders/default/billing-orders";
+        wait_for(
+            Duration::from_secs(10),
+            "a log line announcing the redelivery of every unsettled message",
+            || logged_redeliveries(&output.lines(), subscription) == published,
+        )
+        .await?;
         assert!(
             !output.lines().iter().any(|l| l.contains("panicked")),
             "the sidecar panicked"
@@ -128,6 +137,13 @@ async fn torn_tail_is_truncated_and_acked_records_survive() -> anyhow::Result<()
     // Each crash may redeliver what was in flight: at most maxInFlight (100) x 1 member
     // per crash (RELIABILITY.md's duplicate bound).
     assert!(c.duplicated <= 2 * 100, "{c}");
+    // The consumer's sidecar held the killed processes' forwards in flight; the restarted
+    // producer's repeats re-link to them instead of reaching the app twice. Any copy beyond
+    // the first is a redelivery (attempt >= 2) explained by the restart's log line.
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    for d in history.repeats_to("billing") {
+        assert!(d.attempt >= 2, "duplicate without a redelivery: {d:?}");
+    }
     assert!(mesh.mesh.process("producer")?.pid > 0);
     consumer.abort();
     Ok(())

@@ -13,13 +13,15 @@ use ferry_api::proto::v1::{Delivery, DeliveryState, Outcome, Settled};
 use tokio::sync::mpsc;
 
 use super::ReplyTo;
+use super::acked::{AckedOrigins, Origin};
 use crate::log::Offset;
 
 /// How many settled delivery ids are remembered for precise "expired"/"already settled"
 /// answers.
 const FINISHED_MEMORY: usize = 100_000;
-/// How long an acked (producer, offset) is remembered for `QueryDelivery`.
-const ACKED_MEMORY: Duration = Duration::from_secs(600);
+
+/// Re-linked attempt numbers kept per held delivery (see `Held::earlier`).
+const MAX_EARLIER_ATTEMPTS: usize = 4;
 
 /// Why a delivery id is no longer valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,11 @@ struct Held {
     producer: Arc<str>,
     offset: Offset,
     attempt: u32,
+    /// Other attempt numbers of the same message that were re-linked here (repeats from a
+    /// restarted producer, or a dead process's forward read late). Settlements answer
+    /// each, so that whichever the current producer process waits for is answered; a
+    /// producer ignores attempts it does not hold in flight.
+    earlier: Vec<u32>,
     ack_wait: Duration,
     message_id: String,
     /// The delivery to hand out; taken when handed.
@@ -97,13 +104,14 @@ pub struct Arrival {
 pub struct InboxState {
     subscription: Arc<str>,
     held: HashMap<u64, Held>,
-    by_origin: HashMap<(Arc<str>, Offset), u64>,
+    by_origin: HashMap<Origin, u64>,
     queue: VecDeque<u64>,
     sessions: Vec<Session>,
     rr: usize,
     finished: HashMap<u64, Finish>,
     finished_order: VecDeque<u64>,
-    acked_origins: HashMap<(Arc<str>, Offset), Instant>,
+    /// Acked (producer, offset) pairs, to answer repeats and `QueryDelivery`.
+    acked_origins: AckedOrigins,
     /// ExactlyOnce: message ids the app acked, with when.
     acked_ids: HashMap<String, Instant>,
     pub exactly_once_window: Option<Duration>,
@@ -138,17 +146,19 @@ impl InboxState {
         }
     }
 
-    fn reply(&self, h: &Held, outcome: Outcome, delay_ms: u64, reason: &str) -> Reply {
-        Reply {
-            to: h.reply.clone(),
-            settled: settled(
-                &self.subscription,
-                h.offset,
-                h.attempt,
-                outcome,
-                delay_ms,
-                reason,
-            ),
+    fn reply(&self, h: &Held, outcome: Outcome, delay_ms: u64, reason: &str, out: &mut Vec<Reply>) {
+        for &attempt in h.earlier.iter().chain(std::iter::once(&h.attempt)) {
+            out.push(Reply {
+                to: h.reply.clone(),
+                settled: settled(
+                    &self.subscription,
+                    h.offset,
+                    attempt,
+                    outcome,
+                    delay_ms,
+                    reason,
+                ),
+            });
         }
     }
 
@@ -187,8 +197,28 @@ impl InboxState {
                 continue;
             }
             let origin = (a.producer.clone(), a.offset);
+            if self.acked_origins.acked(&origin, &a.delivery.message_id) {
+                // The app acked it already; the producer lost the ack (a broken stream, or
+                // a restart after kill -9). Answer again instead of handing out a copy.
+                out.push(Reply {
+                    to: a.reply,
+                    settled: settled(
+                        &self.subscription,
+                        a.offset,
+                        a.attempt,
+                        Outcome::Acked,
+                        0,
+                        "already acked",
+                    ),
+                });
+                continue;
+            }
             if let Some(old) = self.by_origin.get(&origin).copied() {
-                // A redelivery of a message we still hold: the older delivery id is void.
+                if self.relink(old, &a) {
+                    continue;
+                }
+                // Same origin, another message: the producer lost its log and numbers
+                // from 0 again. The older delivery id is void.
                 self.finish(old, Finish::Superseded);
                 self.queue.retain(|s| *s != old);
             }
@@ -200,6 +230,7 @@ impl InboxState {
                     producer: a.producer,
                     offset: a.offset,
                     attempt: a.attempt,
+                    earlier: Vec::new(),
                     ack_wait: a.ack_wait,
                     message_id: a.delivery.message_id.clone(),
                     delivery: Some(a.delivery),
@@ -209,6 +240,35 @@ impl InboxState {
             self.queue.push_back(a.seq);
         }
         self.pump(now);
+    }
+
+    /// A repeat of a delivery still held (queued or handed to the app) becomes its new
+    /// upstream: settlements go to the repeat's stream with its attempt number, and the app
+    /// keeps the copy it has, under the same delivery id, instead of getting a second one.
+    /// A producer repeats a delivery it still holds after a restart (it cannot know what
+    /// the previous process sent), or after an ack timeout when this sidecar did not answer
+    /// its query. False if `old` is another message (see `accept`).
+    fn relink(&mut self, old: u64, a: &Arrival) -> bool {
+        let Some(h) = self.held.get_mut(&old) else {
+            return false;
+        };
+        if h.message_id != a.delivery.message_id {
+            return false;
+        }
+        h.reply = a.reply.clone();
+        if a.attempt != h.attempt && !h.earlier.contains(&a.attempt) {
+            if h.earlier.len() >= MAX_EARLIER_ATTEMPTS {
+                h.earlier.remove(0);
+            }
+            h.earlier.push(h.attempt);
+            h.attempt = a.attempt;
+        }
+        h.ack_wait = a.ack_wait;
+        if let Some(d) = &mut h.delivery {
+            // Not handed out yet: the app sees the highest attempt number it was sent with.
+            d.attempt = d.attempt.max(a.attempt);
+        }
+        true
     }
 
     /// Hands queued deliveries to sessions with credit, round robin.
@@ -297,7 +357,13 @@ impl InboxState {
             .collect();
         for seq in mine {
             if let Some(h) = self.finish(seq, Finish::Returned) {
-                out.push(self.reply(&h, Outcome::Nacked, 0, "consume stream closed before ack"));
+                self.reply(
+                    &h,
+                    Outcome::Nacked,
+                    0,
+                    "consume stream closed before ack",
+                    out,
+                );
             }
         }
     }
@@ -325,15 +391,18 @@ impl InboxState {
             Some(h) => {
                 match nack {
                     None => {
-                        self.acked_origins
-                            .insert((h.producer.clone(), h.offset), now);
+                        self.acked_origins.insert(
+                            (h.producer.clone(), h.offset),
+                            &h.message_id,
+                            now,
+                        );
                         if self.exactly_once_window.is_some() {
                             self.acked_ids.insert(h.message_id.clone(), now);
                         }
-                        out.push(self.reply(&h, Outcome::Acked, 0, ""));
+                        self.reply(&h, Outcome::Acked, 0, "", out);
                     }
                     Some(delay) => {
-                        out.push(self.reply(&h, Outcome::Nacked, delay, "nacked by the app"))
+                        self.reply(&h, Outcome::Nacked, delay, "nacked by the app", out);
                     }
                 }
                 Ok(())
@@ -350,11 +419,13 @@ impl InboxState {
     /// What the producer's sidecar asks before redelivering.
     pub fn query(&self, producer: &str, offset: Offset, attempt: u32) -> DeliveryState {
         let key = (Arc::<str>::from(producer), offset);
-        if self.acked_origins.contains_key(&key) {
+        if self.acked_origins.contains(&key) {
             return DeliveryState::Acked;
         }
         match self.by_origin.get(&key).and_then(|s| self.held.get(s)) {
-            Some(h) if h.attempt == attempt => DeliveryState::InProgress,
+            Some(h) if h.attempt == attempt || h.earlier.contains(&attempt) => {
+                DeliveryState::InProgress
+            }
             _ => DeliveryState::Unknown,
         }
     }
@@ -374,24 +445,30 @@ impl InboxState {
         }
         for seq in expired {
             if let Some(h) = self.finish(seq, Finish::Expired) {
-                out.push(self.reply(&h, Outcome::Nacked, 0, "ackWait passed on the consumer"));
+                self.reply(
+                    &h,
+                    Outcome::Nacked,
+                    0,
+                    "ackWait passed on the consumer",
+                    out,
+                );
             }
         }
         if !stale.is_empty() {
             self.queue.retain(|s| !stale.contains(s));
             for seq in stale {
                 if let Some(h) = self.finish(seq, Finish::Returned) {
-                    out.push(self.reply(
+                    self.reply(
                         &h,
                         Outcome::Rejected,
                         0,
                         "no consume session took it within ackWait",
-                    ));
+                        out,
+                    );
                 }
             }
         }
-        self.acked_origins
-            .retain(|_, at| now.duration_since(*at) < ACKED_MEMORY);
+        self.acked_origins.expire(now);
         if let Some(w) = self.exactly_once_window {
             self.acked_ids.retain(|_, at| now.duration_since(*at) < w);
         }
@@ -403,7 +480,7 @@ impl InboxState {
         self.queue.clear();
         for seq in all {
             if let Some(h) = self.finish(seq, Finish::Returned) {
-                out.push(self.reply(&h, Outcome::Rejected, 0, reason));
+                self.reply(&h, Outcome::Rejected, 0, reason, out);
             }
         }
     }
@@ -415,105 +492,5 @@ impl InboxState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn arrival(seq: u64, offset: Offset, attempt: u32) -> Arrival {
-        Arrival {
-            seq,
-            reply: ReplyTo::Remote("ns/producer".into()),
-            producer: "ns/producer".into(),
-            offset,
-            attempt,
-            ack_wait: Duration::from_secs(10),
-            delivery: Delivery {
-                delivery_id: format!("d{seq}"),
-                message_id: format!("m{offset}"),
-                ..Default::default()
-            },
-        }
-    }
-
-    #[test]
-    fn credits_bound_what_is_handed_out() {
-        let now = Instant::now();
-        let mut s = InboxState::new("ns/sub".into());
-        let mut out = Vec::new();
-        s.accept((0..5).map(|i| arrival(i, i, 1)).collect(), now, &mut out);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        s.open_session(1, 2, tx, true, now);
-        assert_eq!(s.take_handed(), 2);
-        assert_eq!(rx.try_recv().unwrap().delivery_id, "d0");
-        assert_eq!(rx.try_recv().unwrap().delivery_id, "d1");
-        assert!(rx.try_recv().is_err());
-        s.add_credit(1, 10, now);
-        assert_eq!(s.take_handed(), 3);
-        assert!(out.is_empty());
-    }
-
-    #[test]
-    fn ack_once_then_precise_errors() {
-        let now = Instant::now();
-        let mut s = InboxState::new("ns/sub".into());
-        let mut out = Vec::new();
-        s.accept(vec![arrival(7, 0, 1)], now, &mut out);
-        let (tx, _rx) = mpsc::unbounded_channel();
-        s.open_session(1, 1, tx, true, now);
-        assert_eq!(s.query("ns/producer", 0, 1), DeliveryState::InProgress);
-        s.settle(7, None, now, &mut out).unwrap();
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].settled.outcome, Outcome::Acked as i32);
-        assert_eq!(s.settle(7, None, now, &mut out), Err(Finish::Acked));
-        assert_eq!(out.len(), 1, "no double settle");
-        assert_eq!(s.query("ns/producer", 0, 1), DeliveryState::Acked);
-        assert_eq!(s.query("ns/producer", 1, 1), DeliveryState::Unknown);
-    }
-
-    #[test]
-    fn expiry_nacks_and_late_ack_is_refused() {
-        let now = Instant::now();
-        let mut s = InboxState::new("ns/sub".into());
-        let mut out = Vec::new();
-        s.accept(vec![arrival(1, 0, 1)], now, &mut out);
-        let (tx, _rx) = mpsc::unbounded_channel();
-        s.open_session(1, 1, tx, true, now);
-        s.sweep(now + Duration::from_secs(11), &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].settled.outcome, Outcome::Nacked as i32);
-        assert_eq!(s.settle(1, None, now, &mut out), Err(Finish::Expired));
-        assert_eq!(out.len(), 1);
-    }
-
-    #[test]
-    fn redelivery_supersedes_and_closing_returns() {
-        let now = Instant::now();
-        let mut s = InboxState::new("ns/sub".into());
-        let mut out = Vec::new();
-        let (tx, _rx) = mpsc::unbounded_channel();
-        s.open_session(1, 10, tx, true, now);
-        s.accept(vec![arrival(1, 0, 1)], now, &mut out);
-        s.accept(vec![arrival(2, 0, 2)], now, &mut out);
-        assert_eq!(s.finished(1), Some(Finish::Superseded));
-        assert_eq!(s.held_len(), 1);
-        s.close_session(1, &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].settled.attempt, 2);
-        assert_eq!(s.held_len(), 0);
-    }
-
-    #[test]
-    fn exactly_once_suppresses_acked_ids() {
-        let now = Instant::now();
-        let mut s = InboxState::new("ns/sub".into());
-        s.exactly_once_window = Some(Duration::from_secs(60));
-        let mut out = Vec::new();
-        let (tx, _rx) = mpsc::unbounded_channel();
-        s.open_session(1, 10, tx, true, now);
-        s.accept(vec![arrival(1, 0, 1)], now, &mut out);
-        s.settle(1, None, now, &mut out).unwrap();
-        // The producer lost the ack and redelivers: answered at once, not handed out.
-        s.accept(vec![arrival(2, 0, 2)], now, &mut out);
-        assert_eq!(out.len(), 2);
-        assert_eq!(s.take_handed(), 1);
-    }
-}
+#[path = "inbox_tests.rs"]
+mod tests;

@@ -4,11 +4,14 @@
 //!
 //! - `inbox.rs`: one subscription's state (queue, handed-out deliveries, sessions).
 //! - `ids.rs`: delivery ids.
+//! - `acked.rs`: acked (producer, offset) pairs remembered, so that a producer repeating a
+//!   delivery (after a restart or a lost ack) gets ACKED back, not a second copy to the app.
 //!
 //! One lock per subscription, taken once per arriving batch and once per ack; settlements
 //! go back to producers through the channel of their current `Forward` stream (or a
 //! callback for in-process delivery), never while the lock is held.
 
+pub mod acked;
 pub mod ids;
 pub mod inbox;
 
@@ -190,12 +193,16 @@ impl Consumer {
     pub fn accept(&self, incoming: Vec<Incoming>) {
         let now = Instant::now();
         let table = self.routing.borrow().clone();
-        let mut by_sub: HashMap<String, Vec<Incoming>> = HashMap::new();
+        // A batch is almost always of one subscription: no map, no key clone per delivery.
+        let mut by_sub: Vec<(String, Vec<Incoming>)> = Vec::new();
         for i in incoming {
-            by_sub
-                .entry(i.deliver.subscription.clone())
-                .or_default()
-                .push(i);
+            match by_sub
+                .iter_mut()
+                .find(|(sub, _)| *sub == i.deliver.subscription)
+            {
+                Some((_, items)) => items.push(i),
+                None => by_sub.push((i.deliver.subscription.clone(), vec![i])),
+            }
         }
         let mut replies = Vec::new();
         for (sub, items) in by_sub {
@@ -228,16 +235,24 @@ impl Consumer {
                     continue;
                 }
             };
+            let mut last_producer: Option<Arc<str>> = None;
             let arrivals: Vec<Arrival> = items
                 .into_iter()
                 .map(|i| {
                     let (r, id) = self.ids.issue(inbox.index);
                     let d = i.deliver;
                     let m = d.message.unwrap_or_default();
+                    // One shared name per producer, not an allocation per delivery.
+                    let producer = match (&last_producer, &i.reply) {
+                        (Some(p), _) if **p == *d.producer => p.clone(),
+                        (_, ReplyTo::Remote(p)) if **p == *d.producer => p.clone(),
+                        _ => Arc::from(d.producer.as_str()),
+                    };
+                    last_producer = Some(producer.clone());
                     Arrival {
                         seq: r.seq,
                         reply: i.reply,
-                        producer: d.producer.as_str().into(),
+                        producer,
                         offset: d.offset,
                         attempt: d.attempt,
                         ack_wait: Duration::from_millis(d.ack_wait_ms.max(1)),

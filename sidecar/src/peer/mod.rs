@@ -31,6 +31,9 @@ pub const PEER_MAX_MESSAGE: usize = 16 << 20;
 const BATCH_BYTES: usize = 2 << 20;
 /// Deliveries coalesced into one `ForwardRequest`.
 const BATCH_COUNT: usize = 4096;
+/// HTTP/2 receive window of peer streams. Throughput of one stream is at most a window per
+/// round trip: with 4 KiB messages the defaults held a stream to ~13k msg/s on loopback.
+const PEER_WINDOW: u32 = 8 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -71,6 +74,10 @@ impl PeerPool {
             .ok()?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            // Settlements and query answers flow to us; HTTP/2's default windows would make
+            // a busy stream wait a round trip per window (see PEER_WINDOW).
+            .initial_stream_window_size(PEER_WINDOW)
+            .initial_connection_window_size(PEER_WINDOW * 2)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         let (tx, rx) = mpsc::unbounded_channel();

@@ -10,8 +10,10 @@
 //!
 //! - `thread.rs`: the loop on the store thread.
 //! - `dedup.rs`: the producer-side dedup window.
+//! - `tail.rs`: the newest records kept in memory for dispatchers that keep up.
 
 pub mod dedup;
+mod tail;
 #[cfg(test)]
 mod tests;
 mod thread;
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 use ferry_api::crd::Durability;
 use ferry_api::routing::TopicEntry;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::Error;
@@ -98,6 +101,11 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Option<Offset>>,
     },
     SetSubscriptions(Vec<String>),
+    Unsettled {
+        subscription: Arc<str>,
+        below: Offset,
+        reply: oneshot::Sender<u64>,
+    },
     Flush(oneshot::Sender<Result<(), Error>>),
 }
 
@@ -105,6 +113,9 @@ pub(crate) enum Command {
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub async_sync_interval: Duration,
+    /// Counts every fsync of the log (`ferry_sidecar_fsyncs_total{topic}`), so that group
+    /// commit can be seen working: fsyncs per second against messages per second.
+    pub fsyncs: Counter,
 }
 
 /// Handle to one topic's store thread. Cheap to share (`Arc`).
@@ -116,6 +127,9 @@ pub struct TopicStore {
     tx: std::sync::mpsc::Sender<Command>,
     pub stats: Arc<StoreStats>,
     written: watch::Receiver<Offset>,
+    /// Offsets below this were in the log when it was opened: written by an earlier
+    /// process of this sidecar, which may have forwarded them already.
+    pub recovered: Offset,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -163,7 +177,8 @@ impl TopicStore {
         let topic = ferry_api::routing::object_ref(&entry.namespace, &entry.name);
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(StoreStats::default());
-        let (written_tx, written) = watch::channel(log.written());
+        let recovered = log.written();
+        let (written_tx, written) = watch::channel(recovered);
         let state = thread::StoreThread::new(entry, log, options, stats.clone(), written_tx);
         let handle = std::thread::Builder::new()
             .name(format!("store-{}", entry.name))
@@ -178,6 +193,7 @@ impl TopicStore {
             tx,
             stats,
             written,
+            recovered,
             thread: std::sync::Mutex::new(Some(handle)),
         }))
     }
@@ -227,6 +243,22 @@ impl TopicStore {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Cursor {
             subscription,
+            reply,
+        })?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// How many records below `below` `subscription` has not settled (for the restart log
+    /// line; it walks them, so call it once, not per message).
+    pub async fn unsettled_below(
+        &self,
+        subscription: Arc<str>,
+        below: Offset,
+    ) -> Result<u64, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Unsettled {
+            subscription,
+            below,
             reply,
         })?;
         rx.await.map_err(|_| self.stopped())

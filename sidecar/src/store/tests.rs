@@ -19,6 +19,7 @@ fn entry(durability: Durability) -> TopicEntry {
 fn opts() -> StoreOptions {
     StoreOptions {
         async_sync_interval: Duration::from_millis(5),
+        fsyncs: Default::default(),
     }
 }
 

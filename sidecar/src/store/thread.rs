@@ -11,6 +11,7 @@ use ferry_api::routing::TopicEntry;
 use tokio::sync::{oneshot, watch};
 
 use super::dedup::DedupWindow;
+use super::tail::Tail;
 use super::{AppendItem, AppendOutcome, Command, ReadBatch, StoreOptions, StoreStats};
 use crate::error::Error;
 use crate::log::record::message_record_len;
@@ -40,6 +41,9 @@ pub(super) struct StoreThread {
     dirty: bool,
     last_sync: Instant,
     last_compact: Instant,
+    fsyncs: prometheus_client::metrics::counter::Counter,
+    /// Newest records, for reads that keep up (disk topics only).
+    tail: Option<Tail>,
 }
 
 impl StoreThread {
@@ -66,6 +70,8 @@ impl StoreThread {
             dirty: false,
             last_sync: Instant::now(),
             last_compact: Instant::now(),
+            fsyncs: options.fsyncs.clone(),
+            tail: (entry.durability != Durability::Memory).then(Tail::default),
         };
         if s.ordered {
             s.rebuild_key_sequences();
@@ -116,6 +122,7 @@ impl StoreThread {
             }
             self.round(&mut round);
         }
+        self.fsyncs.inc();
         if let Err(e) = self.log.sync() {
             tracing::error!(topic = %self.topic, error = %e, "final sync failed");
         }
@@ -142,6 +149,18 @@ impl StoreThread {
                 other => later.push(other),
             }
         }
+        // Reads first: they only see records of earlier rounds (durable for Disk, whose
+        // every appending round syncs), so they need not wait behind this round's fsync;
+        // a dispatcher that asked while the last one ran gets its records one fsync sooner.
+        let (reads, later): (Vec<Command>, Vec<Command>) = later.into_iter().partition(|c| {
+            matches!(
+                c,
+                Command::Read { .. } | Command::Cursor { .. } | Command::Unsettled { .. }
+            )
+        });
+        for c in reads {
+            self.answer(c);
+        }
         let appended = !appends.is_empty();
         let replies = if appended {
             self.append(appends)
@@ -158,6 +177,7 @@ impl StoreThread {
         let mut sync_error = None;
         let flush = later.iter().any(|c| matches!(c, Command::Flush(_)));
         if (must_sync || (flush && self.dirty)) && self.durability != Durability::Memory {
+            self.fsyncs.inc();
             if let Err(e) = self.log.sync() {
                 tracing::error!(topic = %self.topic, error = %e, "fsync failed");
                 sync_error = Some(e.to_string());
@@ -188,31 +208,14 @@ impl StoreThread {
             self.fire_delivered_waiters();
         }
         for c in later {
-            match c {
-                Command::Read {
-                    subscription,
-                    from,
-                    max,
-                    reply,
-                } => {
-                    let _ = reply.send(self.read(&subscription, from, max));
-                }
-                Command::Cursor {
-                    subscription,
-                    reply,
-                } => {
-                    let _ = reply.send(self.log.cursor(&subscription));
-                }
-                Command::Flush(reply) => {
-                    let _ = reply.send(match &sync_error {
-                        Some(m) => Err(Error::Internal(format!(
-                            "fsync of topic {} failed: {m}",
-                            self.topic
-                        ))),
-                        None => Ok(()),
-                    });
-                }
-                Command::Append { .. } | Command::Settle(_) | Command::SetSubscriptions(_) => {}
+            if let Command::Flush(reply) = c {
+                let _ = reply.send(match &sync_error {
+                    Some(m) => Err(Error::Internal(format!(
+                        "fsync of topic {} failed: {m}",
+                        self.topic
+                    ))),
+                    None => Ok(()),
+                });
             }
         }
         if self.last_compact.elapsed() >= COMPACT_EVERY {
@@ -223,6 +226,41 @@ impl StoreThread {
         }
         if settled_any {
             self.publish_stats();
+        }
+    }
+
+    /// Answers a read-only command (`Read`, `Cursor`, `Unsettled`).
+    fn answer(&self, c: Command) {
+        match c {
+            Command::Read {
+                subscription,
+                from,
+                max,
+                reply,
+            } => {
+                let _ = reply.send(self.read(&subscription, from, max));
+            }
+            Command::Cursor {
+                subscription,
+                reply,
+            } => {
+                let _ = reply.send(self.log.cursor(&subscription));
+            }
+            Command::Unsettled {
+                subscription,
+                below,
+                reply,
+            } => {
+                let from = self.log.cursor(&subscription).unwrap_or(below);
+                let n = (from.max(self.log.first())..below.min(self.log.written()))
+                    .filter(|o| !self.log.is_settled(&subscription, *o))
+                    .count();
+                let _ = reply.send(n as u64);
+            }
+            Command::Append { .. }
+            | Command::Settle(_)
+            | Command::SetSubscriptions(_)
+            | Command::Flush(_) => {}
         }
     }
 
@@ -242,6 +280,8 @@ impl StoreThread {
         let base = self.log.written();
         let mut batch = Vec::new();
         let mut pending_bytes = 0u64;
+        // Without a dedup window there is nothing to remember per id (no map, no clone).
+        let dedup = self.dedup.enabled();
         let mut round_ids: HashMap<String, Offset> = HashMap::new();
         let mut round_keys: HashMap<String, u64> = HashMap::new();
         let mut accepted = Vec::new();
@@ -266,17 +306,19 @@ impl StoreThread {
             let mut outcomes = Vec::with_capacity(items.len());
             let mut waiters = Vec::new();
             for item in items {
-                let id = &item.message.id;
-                let seen = round_ids
-                    .get(id)
-                    .copied()
-                    .or_else(|| self.dedup.get(id, now));
-                if let Some(offset) = seen.filter(|_| self.dedup.enabled()) {
-                    outcomes.push(AppendOutcome::Duplicate(offset));
-                    continue;
-                }
                 let offset = base + batch.len() as u64;
-                round_ids.insert(id.clone(), offset);
+                if dedup {
+                    let id = &item.message.id;
+                    let seen = round_ids
+                        .get(id)
+                        .copied()
+                        .or_else(|| self.dedup.get(id, now));
+                    if let Some(offset) = seen {
+                        outcomes.push(AppendOutcome::Duplicate(offset));
+                        continue;
+                    }
+                    round_ids.insert(id.clone(), offset);
+                }
                 let mut message = item.message;
                 if self.ordered
                     && let Some(k) = &message.key
@@ -307,6 +349,9 @@ impl StoreThread {
         match self.log.append(&batch) {
             Ok(range) if range.start == base => {
                 self.dirty = true;
+                if let Some(tail) = &mut self.tail {
+                    tail.extend(base, batch);
+                }
                 for (id, offset) in round_ids {
                     self.dedup.insert(id, offset, now);
                 }
@@ -316,6 +361,9 @@ impl StoreThread {
                 }
             }
             Ok(range) => {
+                if let Some(tail) = &mut self.tail {
+                    tail.clear();
+                }
                 // The log numbered the batch differently from what we told publishers.
                 let msg = format!(
                     "log of {} appended at {range:?}, expected {base}",
@@ -383,6 +431,13 @@ impl StoreThread {
 
     fn read(&self, subscription: &str, from: u64, max: usize) -> Result<ReadBatch, Error> {
         let max = max.max(1);
+        if let Some(tail) = &self.tail
+            && let Some((records, next)) = tail.read(from, max, max * READ_SCAN_ROUNDS, |o| {
+                !self.log.is_settled(subscription, o)
+            })
+        {
+            return Ok(ReadBatch { records, next });
+        }
         let mut records = Vec::new();
         let mut next = from;
         for _ in 0..READ_SCAN_ROUNDS {

@@ -210,7 +210,7 @@ impl Dispatcher {
             return;
         };
         if e.copies.is_empty() {
-            e.copies.push(Copy::new(None));
+            e.copies.push(Copy::new(None, u32::from(e.recovered)));
         }
         let Some(c) = e.copies.get_mut(k) else { return };
         match self
