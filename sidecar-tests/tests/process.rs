@@ -12,6 +12,7 @@ mod process {
     pub mod grpcurl;
     pub mod kill9;
     pub mod load_baseline;
+    pub mod sigterm;
     pub mod torn_tail;
     pub mod zones;
 }

@@ -1,0 +1,121 @@
+//! RELIABILITY.md row 2 (SIGTERM part), small variant: SIGTERM to the producer's sidecar
+//! with a backlog on a Disk topic. It refuses new publishes with a clear status, keeps
+//! delivering until the backlog is drained, and exits 0 within its grace period; nothing
+//! acked is lost.
+
+use std::time::Duration;
+
+use ferry_api::proto::v1::PublishRequest;
+use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer};
+use ferry_sidecar_tests::history::{Expect, History};
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+use tonic::Code;
+
+use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_sigterm_refuses_publishes_and_drains_its_backlog() -> anyhow::Result<()> {
+    let crs = [
+        topic("orders", "durability: Disk"),
+        group("billing", "billing", ""),
+        subscription("billing-orders", "orders", "billing", ""),
+    ]
+    .concat();
+    let pods = [
+        pod("billing-a", "zone-a", "billing"),
+        pod("producer", "zone-a", ""),
+    ]
+    .concat();
+    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let history = History::default();
+
+    // A backlog: 300 acked publishes while no app consumes.
+    let mut app = mesh.app("producer").await?;
+    for i in 0..300 {
+        let id = format!("backlog-{i}");
+        publish(
+            &mut app,
+            &history,
+            "producer",
+            "default/orders",
+            &id,
+            None,
+            vec![b'b'; 256],
+        )
+        .await?;
+    }
+
+    // The consuming app starts, and at once the producer's sidecar is told to stop.
+    let consumer = spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        &history,
+        Behavior::Ack,
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+    mesh.mesh.process("producer")?.signal(Signal::SIGTERM)?;
+    let sent = Instant::now();
+
+    // Publishing during the drain is refused with UNAVAILABLE, never acked.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let request = PublishRequest {
+            topic: "default/orders".into(),
+            message_id: "during-drain".into(),
+            payload: b"late".to_vec().into(),
+            ..PublishRequest::default()
+        };
+        match app.publish(request).await {
+            Err(status) if status.code() == Code::Unavailable => break status,
+            Err(status) => anyhow::bail!("publish during drain: unexpected {status:?}"),
+            Ok(_) if Instant::now() < deadline => {
+                // Accepted before the signal was handled; it is part of the backlog now.
+                history.publish_attempt("producer", "default/orders", "during-drain", None);
+                history.publish_acked("during-drain");
+            }
+            Ok(_) => anyhow::bail!("publishes still accepted 5 s after SIGTERM"),
+        }
+    };
+    println!(
+        "publish during drain: {:?} {:?}",
+        refused.code(),
+        refused.message()
+    );
+    assert!(
+        refused.message().contains("shutting down"),
+        "the status does not say why: {refused:?}"
+    );
+
+    // It exits by itself, cleanly, within its grace period (2 s here) plus a margin.
+    let clean = mesh
+        .mesh
+        .terminate("producer", Duration::from_secs(10))
+        .await?;
+    let took = sent.elapsed();
+    println!(
+        "producer sidecar exited {} after {took:?}",
+        if clean { "cleanly" } else { "NOT cleanly" }
+    );
+    assert!(clean, "the producer's sidecar did not exit 0 by itself");
+
+    // Everything acked reached the consuming app before the exit: nothing waits on disk.
+    let expect = [Expect::AnyMember {
+        group: "billing".into(),
+        topic: "default/orders".into(),
+        check_order: false,
+    }];
+    let c = drain(
+        &history,
+        &expect,
+        Duration::from_secs(5),
+        "producer_sigterm",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected, c.duplicated), (0, 0, 0), "{c}");
+    consumer.abort();
+    Ok(())
+}
