@@ -30,3 +30,6 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const FINALIZER: &str = "ferry.dev/routing-table";
 /// Field manager the operator uses for server-side apply.
 pub const FIELD_MANAGER: &str = "ferry-operator";
+/// Name of the sidecar container the webhook injects; a pod carrying a container of this
+/// name (native sidecar or plain) can be a group member.
+pub const SIDECAR_CONTAINER: &str = "ferry-sidecar";

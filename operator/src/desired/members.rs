@@ -26,8 +26,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::error::{Error, Result};
 
-/// Name of the sidecar container, in `initContainers` (native sidecar) or `containers`.
-pub const SIDECAR_CONTAINER: &str = "ferry-sidecar";
+/// The sidecar container, in `initContainers` (native sidecar) or `containers`.
+pub use ferry_api::consts::SIDECAR_CONTAINER;
 
 /// A group's members, as the table and the group's status show them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
