@@ -172,6 +172,10 @@ impl Sidecar {
         let [app_grpc, app_http, peer, admin] = self.listeners;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ferry_api::proto::FILE_DESCRIPTOR_SET)
+            // The descriptor set holds the peer service too; the app port serves only the
+            // app API, so reflection must not advertise the other one there.
+            .with_service_name("ferry.v1.App")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
             .build_v1()
             .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
         let app = AppServer::new(AppService::new(engine.clone()))

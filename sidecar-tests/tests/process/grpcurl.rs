@@ -37,6 +37,8 @@ async fn grpcurl_lists_and_calls_the_app_api_through_reflection() -> anyhow::Res
     let (ok, services) = grpcurl(&["-plaintext", &addr, "list"]).await?;
     assert!(ok, "grpcurl list failed: {services}");
     assert!(services.lines().any(|l| l == "ferry.v1.App"), "{services}");
+    // The peer service is not served on the app port, so it is not advertised there.
+    assert!(!services.contains("ferry.v1.Peer"), "{services}");
 
     let (ok, methods) = grpcurl(&["-plaintext", &addr, "describe", "ferry.v1.App"]).await?;
     assert!(ok, "grpcurl describe failed: {methods}");
