@@ -117,3 +117,93 @@ async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Res
     ops.abort();
     Ok(())
 }
+
+/// `retention.maxAge`: a message still undelivered past the topic's maximum age stops being
+/// redelivered and goes to the dead-letter topic with that reason, long before
+/// `maxDeliveries`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn message_older_than_max_age_goes_to_dlq() -> anyhow::Result<()> {
+    let crs = [
+        topic("quotes", "durability: Disk, retention: {maxAge: 1s}"),
+        topic("quotes-dlq", "durability: Disk"),
+        group("pricing", "pricing", ""),
+        group("ops", "ops", ""),
+        subscription(
+            "quotes",
+            "quotes",
+            "pricing",
+            "maxDeliveries: 1000, deadLetterTopic: quotes-dlq, backoff: {initial: 100ms, max: 100ms, multiplier: 1}",
+        ),
+        subscription("quotes-dlq", "quotes-dlq", "ops", ""),
+    ]
+    .concat();
+    let pods = [
+        pod("pricing-a", "zone-a", "pricing"),
+        pod("ops-a", "zone-a", "ops"),
+        pod("producer", "zone-a", ""),
+    ]
+    .concat();
+    let mesh = TestMesh::start(&crs, &pods).await?;
+    let history = History::default();
+    let stop_at = Instant::now() + RUN_LIMIT;
+    let nacker = spawn_consumer(
+        &mesh.app_addr("pricing-a")?,
+        "default/quotes",
+        "pricing",
+        "pricing-a",
+        &history,
+        Behavior::Nack(0),
+        stop_at,
+    )
+    .await?;
+    let ops = spawn_consumer(
+        &mesh.app_addr("ops-a")?,
+        "default/quotes-dlq",
+        "ops",
+        "ops-a",
+        &history,
+        Behavior::Ack,
+        stop_at,
+    )
+    .await?;
+    let mut app = mesh.app("producer").await?;
+    publish(
+        &mut app,
+        &history,
+        "producer",
+        "default/quotes",
+        "quote-7",
+        None,
+        b"7".to_vec(),
+    )
+    .await?;
+    wait_for(
+        Duration::from_secs(30),
+        "the aged message reaches the DLQ",
+        || !history.deliveries_to("ops").is_empty(),
+    )
+    .await?;
+    let attempts = history.deliveries_to("pricing").len();
+    let dead = history.deliveries_to("ops");
+    println!(
+        "max_age: {attempts} deliveries before the DLQ; headers {:?}",
+        dead[0].headers
+    );
+    let reason = dead[0]
+        .headers
+        .get("ferry-dlq-reason")
+        .cloned()
+        .unwrap_or_default();
+    assert!(reason.contains("retention.maxAge"), "reason: {reason:?}");
+    assert_eq!(
+        dead[0]
+            .headers
+            .get("ferry-dlq-message-id")
+            .map(String::as_str),
+        Some("quote-7")
+    );
+    assert!((1..1000).contains(&attempts), "{attempts} deliveries");
+    nacker.abort();
+    ops.abort();
+    Ok(())
+}

@@ -87,7 +87,9 @@ struct Entry {
     message: StoredMessage,
     copies: Vec<Copy>,
     not_before: Option<Instant>,
-    expires: Option<Instant>,
+    /// When the message stops being delivered, and why: its own TTL or the topic's
+    /// `retention.maxAge`, whichever comes first. Checked whenever it is (re)dispatched.
+    expires: Option<(Instant, &'static str)>,
     /// Written by an earlier process of this sidecar, which may have delivered it: its
     /// first delivery by this process is numbered as a redelivery (attempt 2), so that
     /// the consumer can tell it from a new message and every duplicate it causes is an
@@ -345,7 +347,13 @@ impl Dispatcher {
                 )
             };
             let not_before = (message.delay_ms > 0).then(|| since(message.delay_ms));
-            let expires = (message.ttl_ms > 0).then(|| since(message.ttl_ms));
+            let ttl = (message.ttl_ms > 0).then(|| (since(message.ttl_ms), "ttl expired"));
+            let max_age = self.setup.topic.retention_max_age_ms;
+            let aged = (max_age > 0).then(|| (since(max_age), "retention.maxAge exceeded"));
+            let expires = match (ttl, aged) {
+                (Some(t), Some(a)) => Some(if a.0 < t.0 { a } else { t }),
+                (t, a) => t.or(a),
+            };
             if self.setup.topic.ordering == Ordering::Key
                 && let Some(k) = &message.key
             {

@@ -19,7 +19,7 @@ impl Dispatcher {
             self.ready.remove(&offset);
             return;
         };
-        if entry.expires.is_some_and(|t| t <= now) {
+        if let Some((_, why)) = entry.expires.filter(|(t, _)| *t <= now) {
             self.entries.insert(offset, entry);
             self.ready.remove(&offset);
             let idle: Vec<usize> = match self.entries.get(&offset) {
@@ -29,7 +29,7 @@ impl Dispatcher {
                 _ => vec![0],
             };
             for k in idle {
-                self.give_up(offset, k, "ttl expired".into());
+                self.give_up(offset, k, why.into());
             }
             return;
         }
