@@ -23,6 +23,39 @@ use kube::CustomResourceExt;
 /// Every CRD Ferry installs, in the order `crdgen` writes them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
     vec![Topic::crd(), ConsumerGroup::crd(), Subscription::crd()]
+        .into_iter()
+        .map(unwrap_descriptions)
+        .collect()
+}
+
+/// Doc comments are wrapped at 100 columns in the source; `kubectl explain` wraps text
+/// itself, so the schema's descriptions keep only paragraph breaks.
+fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map.iter_mut() {
+                    match v {
+                        serde_json::Value::String(text) if key == "description" => {
+                            *text = text
+                                .split("\n\n")
+                                .map(|p| p.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+                                .collect::<Vec<_>>()
+                                .join("\n\n");
+                        }
+                        _ => walk(v),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    walk(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
 }
 
 /// Pattern of a DNS-1123 label, the name of a namespaced object in the same namespace.
