@@ -12,24 +12,34 @@ use super::common::{RUN_LIMIT, group, pod, subscription, topic};
 
 const MAX_DELIVERIES: u32 = 3;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Result<()> {
+/// A topic `name` whose subscription `name` (group `name`, one member `<name>-a`, whose app
+/// always nacks) dead-letters to `<name>-dlq`, read by group `ops` (member `ops-a`, which
+/// acks); one producer pod. `topic_spec` and `sub_spec` add fields. Publishes one message
+/// `id` and waits until its dead letter reaches `ops`.
+async fn poison_until_dead_lettered(
+    name: &str,
+    topic_spec: &str,
+    sub_spec: &str,
+    id: &str,
+) -> anyhow::Result<History> {
+    let dlq = format!("{name}-dlq");
     let crs = [
-        topic("payments", "durability: Disk"),
-        topic("payments-dlq", "durability: Disk"),
-        group("payments", "payments", ""),
+        topic(name, &format!("durability: Disk{topic_spec}")),
+        topic(&dlq, "durability: Disk"),
+        group(name, name, ""),
         group("ops", "ops", ""),
         subscription(
-            "payments",
-            "payments",
-            "payments",
-            &format!("maxDeliveries: {MAX_DELIVERIES}, deadLetterTopic: payments-dlq, backoff: {{initial: 50ms, max: 200ms, multiplier: 2}}"),
+            name,
+            name,
+            name,
+            &format!("deadLetterTopic: {dlq}, {sub_spec}"),
         ),
-        subscription("payments-dlq", "payments-dlq", "ops", ""),
+        subscription(&dlq, &dlq, "ops", ""),
     ]
     .concat();
+    let member = format!("{name}-a");
     let pods = [
-        pod("payments-a", "zone-a", "payments"),
+        pod(&member, "zone-a", name),
         pod("ops-a", "zone-a", "ops"),
         pod("producer", "zone-a", ""),
     ]
@@ -38,10 +48,10 @@ async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Res
     let history = History::default();
     let stop_at = Instant::now() + RUN_LIMIT;
     let poison = spawn_consumer(
-        &mesh.app_addr("payments-a")?,
-        "default/payments",
-        "payments",
-        "payments-a",
+        &mesh.app_addr(&member)?,
+        &format!("default/{name}"),
+        name,
+        &member,
         &history,
         Behavior::Nack(0),
         stop_at,
@@ -49,7 +59,7 @@ async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Res
     .await?;
     let ops = spawn_consumer(
         &mesh.app_addr("ops-a")?,
-        "default/payments-dlq",
+        &format!("default/{dlq}"),
         "ops",
         "ops-a",
         &history,
@@ -58,21 +68,37 @@ async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Res
     )
     .await?;
     let mut app = mesh.app("producer").await?;
+    let topic = format!("default/{name}");
     publish(
         &mut app,
         &history,
         "producer",
-        "default/payments",
-        "pay-42",
+        &topic,
+        id,
         None,
-        b"charge 42".to_vec(),
+        b"poison".to_vec(),
     )
     .await?;
-
     wait_for(
         Duration::from_secs(30),
-        "the poison message reaches the DLQ",
+        "the message reaches the DLQ",
         || !history.deliveries_to("ops").is_empty(),
+    )
+    .await?;
+    poison.abort();
+    ops.abort();
+    Ok(history)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Result<()> {
+    let history = poison_until_dead_lettered(
+        "payments",
+        "",
+        &format!(
+            "maxDeliveries: {MAX_DELIVERIES}, backoff: {{initial: 50ms, max: 200ms, multiplier: 2}}"
+        ),
+        "pay-42",
     )
     .await?;
     let attempts: Vec<u32> = history
@@ -113,8 +139,6 @@ async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Res
         "one entry per attempt: {headers:?}"
     );
     assert!(history_header.contains("nacked"), "{headers:?}");
-    poison.abort();
-    ops.abort();
     Ok(())
 }
 
@@ -123,67 +147,14 @@ async fn nacked_poison_message_goes_to_dlq_after_max_deliveries() -> anyhow::Res
 /// `maxDeliveries`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn message_older_than_max_age_goes_to_dlq() -> anyhow::Result<()> {
-    let crs = [
-        topic("quotes", "durability: Disk, retention: {maxAge: 1s}"),
-        topic("quotes-dlq", "durability: Disk"),
-        group("pricing", "pricing", ""),
-        group("ops", "ops", ""),
-        subscription(
-            "quotes",
-            "quotes",
-            "pricing",
-            "maxDeliveries: 1000, deadLetterTopic: quotes-dlq, backoff: {initial: 100ms, max: 100ms, multiplier: 1}",
-        ),
-        subscription("quotes-dlq", "quotes-dlq", "ops", ""),
-    ]
-    .concat();
-    let pods = [
-        pod("pricing-a", "zone-a", "pricing"),
-        pod("ops-a", "zone-a", "ops"),
-        pod("producer", "zone-a", ""),
-    ]
-    .concat();
-    let mesh = TestMesh::start(&crs, &pods).await?;
-    let history = History::default();
-    let stop_at = Instant::now() + RUN_LIMIT;
-    let nacker = spawn_consumer(
-        &mesh.app_addr("pricing-a")?,
-        "default/quotes",
-        "pricing",
-        "pricing-a",
-        &history,
-        Behavior::Nack(0),
-        stop_at,
-    )
-    .await?;
-    let ops = spawn_consumer(
-        &mesh.app_addr("ops-a")?,
-        "default/quotes-dlq",
-        "ops",
-        "ops-a",
-        &history,
-        Behavior::Ack,
-        stop_at,
-    )
-    .await?;
-    let mut app = mesh.app("producer").await?;
-    publish(
-        &mut app,
-        &history,
-        "producer",
-        "default/quotes",
+    let history = poison_until_dead_lettered(
+        "quotes",
+        ", retention: {maxAge: 1s}",
+        "maxDeliveries: 1000, backoff: {initial: 100ms, max: 100ms, multiplier: 1}",
         "quote-7",
-        None,
-        b"7".to_vec(),
     )
     .await?;
-    wait_for(
-        Duration::from_secs(30),
-        "the aged message reaches the DLQ",
-        || !history.deliveries_to("ops").is_empty(),
-    )
-    .await?;
-    let attempts = history.deliveries_to("pricing").len();
+    let attempts = history.deliveries_to("quotes").len();
     let dead = history.deliveries_to("ops");
     println!(
         "max_age: {attempts} deliveries before the DLQ; headers {:?}",
@@ -203,7 +174,5 @@ async fn message_older_than_max_age_goes_to_dlq() -> anyhow::Result<()> {
         Some("quote-7")
     );
     assert!((1..1000).contains(&attempts), "{attempts} deliveries");
-    nacker.abort();
-    ops.abort();
     Ok(())
 }
