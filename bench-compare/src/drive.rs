@@ -95,10 +95,7 @@ pub fn stamp(payload: &[u8], tag: u64) -> Option<u64> {
     (t == tag).then_some(time)
 }
 
-/// Microseconds since `clock`.
-pub fn micros(clock: Instant) -> u64 {
-    u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
+pub use ferryctl::bench::pace::micros;
 
 /// Runs a scenario: the receiver collects concurrently while the publisher publishes;
 /// returns once every acked message arrived or at the deadline.
@@ -222,32 +219,21 @@ async fn publish<P: Publisher>(
             per_sec,
             max_outstanding,
         } => {
-            let permits = Arc::new(Semaphore::new(max_outstanding.max(1)));
-            let start = tokio::time::Instant::now();
-            let per_sec = f64::from(per_sec.max(1));
-            for i in 0..s.count {
-                let at = start + Duration::from_secs_f64(i as f64 / per_sec);
-                if Instant::now() >= deadline {
-                    break;
-                }
-                tokio::time::sleep_until(at).await;
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                // The time it was due, not when it went: see the module doc.
-                let due = micros(clock)
-                    .saturating_sub(u64::try_from(at.elapsed().as_micros()).unwrap_or(0));
-                let (p, ok, failed) = (publisher.clone(), ok.clone(), failed.clone());
-                let message = payload(size, due, tag);
-                tokio::spawn(async move {
-                    let good = p.publish(message).await.is_ok();
-                    let counter = if good { &ok } else { &failed };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    drop(permit);
-                });
-            }
-            let all = u32::try_from(max_outstanding.max(1)).unwrap_or(u32::MAX);
-            let _ = tokio::time::timeout_at(deadline.into(), permits.acquire_many(all)).await;
+            let sends = |due| {
+                let (p, message) = (publisher.clone(), payload(size, due, tag));
+                async move { p.publish(message).await.is_ok() }
+            };
+            let (acked, lost) = ferryctl::bench::pace::fixed_rate(
+                s.count,
+                per_sec,
+                max_outstanding,
+                clock,
+                deadline,
+                sends,
+            )
+            .await;
+            ok.fetch_add(acked, Ordering::Relaxed);
+            failed.fetch_add(lost, Ordering::Relaxed);
         }
     }
     (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))

@@ -10,6 +10,7 @@
 //! seconds per million messages and RSS. Last, latency at a fixed rate (10k msg/s by
 //! default) on the `Disk` topic. Every scenario is bounded in count and time.
 
+pub mod pace;
 pub mod scenario;
 pub mod stats;
 

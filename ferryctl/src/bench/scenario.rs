@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_api::proto::v1::publish_result::Result as OneResult;
 use ferry_api::proto::v1::{AckLevel, PublishBatch, PublishRequest};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::pace::{self, micros};
 use super::stats::Latencies;
 use ferry_api::proto::v1::app_client::AppClient;
 use tonic::transport::Endpoint;
@@ -159,10 +160,6 @@ fn request(s: &Scenario, payload: &Bytes, sent_at_us: u64) -> PublishRequest {
     }
 }
 
-fn micros(clock: Instant) -> u64 {
-    u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
 /// Publishes the scenario's messages; returns (acked, failed).
 async fn publish(app: App, s: &Scenario, clock: Instant, deadline: Instant) -> (u64, u64) {
     let payload = Bytes::from(vec![b'x'; s.payload_bytes]);
@@ -253,43 +250,14 @@ async fn publish(app: App, s: &Scenario, clock: Instant, deadline: Instant) -> (
             per_sec,
             max_outstanding,
         } => {
-            let permits = Arc::new(Semaphore::new(max_outstanding.max(1)));
-            let start = tokio::time::Instant::now();
-            let per_sec = f64::from(per_sec.max(1));
-            for i in 0..s.count {
-                let at = start + Duration::from_secs_f64(i as f64 / per_sec);
-                if Instant::now() >= deadline {
-                    break;
-                }
-                tokio::time::sleep_until(at).await;
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                // The time it was due, not when it went: see the module doc.
-                let due = micros(clock)
-                    .saturating_sub(u64::try_from(at.elapsed().as_micros()).unwrap_or(0));
-                let (mut app, req, ok, failed) = (
-                    app.clone(),
-                    request(s, &payload, due),
-                    ok.clone(),
-                    failed.clone(),
-                );
-                tokio::spawn(async move {
-                    let counter = if app.publish(req).await.is_ok() {
-                        &ok
-                    } else {
-                        &failed
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    drop(permit);
-                });
-            }
-            // Wait for the outstanding publishes.
-            let _ = tokio::time::timeout_at(
-                deadline.into(),
-                permits.acquire_many(u32::try_from(max_outstanding.max(1)).unwrap_or(u32::MAX)),
-            )
-            .await;
+            let sends = |due| {
+                let (mut app, req) = (app.clone(), request(s, &payload, due));
+                async move { app.publish(req).await.is_ok() }
+            };
+            let (acked, lost) =
+                pace::fixed_rate(s.count, per_sec, max_outstanding, clock, deadline, sends).await;
+            ok.fetch_add(acked, Ordering::Relaxed);
+            failed.fetch_add(lost, Ordering::Relaxed);
         }
     }
     (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
