@@ -8,7 +8,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 locked=()
-[[ ${CI:-} == true ]] && locked=(--locked)
+if [[ ${CI:-} == true ]]; then
+	locked=(--locked)
+	# Incremental caches only help a developer's edit loop; in CI they double the disk used.
+	export CARGO_INCREMENTAL=0
+fi
 
 timings=()
 current=""
@@ -16,6 +20,7 @@ now_ms() { echo $(($(date +%s%N) / 1000000)); }
 summary() {
 	local rc=$?
 	echo
+	echo "==> disk: target $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1), free $(df -h --output=avail . | tail -1 | tr -d ' ')"
 	echo "==> timings"
 	printf '    %s\n' "${timings[@]}"
 	if ((rc != 0)); then
