@@ -18,9 +18,9 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
-use super::status::{Ready, apply_status, ready_condition};
+use super::status::{Ready, apply_status, ready_condition, routing_unavailable};
 use super::{CACHE_TIMEOUT, Context, RESYNC, finalizer_error, reconciled};
 use crate::desired::entries::{group_entry_key, group_kv, members_prefix, namespaced_ref};
 use crate::desired::members::{membership, node_zone};
@@ -77,6 +77,7 @@ async fn apply(api: &Api<ConsumerGroup>, group: &ConsumerGroup, ctx: &Context) -
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
     let generation = group.metadata.generation;
+    let observed = group.status.as_ref().and_then(|s| s.observed_generation);
 
     let status = if let Err(error) = ferry_api::local::selector::validate(&group.spec.selector) {
         // Left as it was in the table; the API server should have refused this already.
@@ -103,9 +104,28 @@ async fn apply(api: &Api<ConsumerGroup>, group: &ConsumerGroup, ctx: &Context) -
         );
         let mut desired = group_kv(group)?;
         desired.extend(members.kv()?);
-        let changed = ctx
+        let changed = match ctx
             .sync_keys(&desired, std::slice::from_ref(&key), Some(&prefix))
-            .await?;
+            .await
+        {
+            Ok(changed) => changed,
+            Err(error) => {
+                if let Some(ready) = routing_unavailable(&error, generation, observed) {
+                    // Best effort: the counts stay those last published.
+                    let status = ConsumerGroupStatus {
+                        observed_generation: generation,
+                        conditions: vec![ready_condition(&ready, generation, previous)],
+                        ..group.status.clone().unwrap_or_default()
+                    };
+                    if let Err(status_error) =
+                        apply_status(api, &name, group.status.as_ref(), &status, ctx).await
+                    {
+                        warn!(%status_error, "could not record RoutingTableUnavailable");
+                    }
+                }
+                return Err(error);
+            }
+        };
         if changed > 0 {
             info!(
                 group = %object_ref(&namespace, &name),

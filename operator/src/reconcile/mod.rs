@@ -142,6 +142,12 @@ impl Context {
     }
 }
 
+/// Spreads a retry delay over ±20 %: the objects an etcd outage failed together would
+/// otherwise all retry in the same instant when it ends.
+fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(rand::random_range(0.8..1.2))
+}
+
 /// `Kind/namespace/name`, the key of the backoff table.
 fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!(
@@ -153,7 +159,7 @@ fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
 }
 
 /// Counts the error in the metrics, logs it, and retries the object after an exponential
-/// backoff (per object, from [`FIRST_BACKOFF`] to [`MAX_BACKOFF`]), so that an etcd or API
+/// backoff (per object, from [`FIRST_BACKOFF`] to [`MAX_BACKOFF`], ±20 % jitter), so that an etcd or API
 /// server outage costs a bounded number of retries per second instead of a hot loop.
 pub fn error_policy<K: Resource<DynamicType = ()>>(
     obj: Arc<K>,
@@ -162,7 +168,7 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
 ) -> Action {
     let kind = K::kind(&());
     ctx.metrics.error(&kind, error.reason());
-    let delay = ctx.failures.failed(&object_key(obj.as_ref()));
+    let delay = jittered(ctx.failures.failed(&object_key(obj.as_ref())));
     warn!(
         %kind,
         namespace = obj.namespace().unwrap_or_default(),
@@ -187,6 +193,18 @@ pub(crate) fn finalizer_error(error: kube::runtime::finalizer::Error<Error>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_within_a_fifth_of_the_delay() {
+        let base = Duration::from_secs(10);
+        let delays: Vec<_> = (0..200).map(|_| jittered(base)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_secs(8) && *d <= Duration::from_secs(12))
+        );
+        assert!(delays.iter().any(|d| *d != delays[0]), "the delays vary");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_resets() {

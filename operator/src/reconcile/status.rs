@@ -8,13 +8,14 @@
 use std::fmt::Debug;
 
 use ferry_api::consts::FIELD_MANAGER;
-use ferry_api::crd::{Condition, condition_types};
+use ferry_api::crd::{Condition, ResourceStatus, condition_types};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::warn;
 
 use super::Context;
 use crate::error::{Error, Result};
@@ -45,6 +46,56 @@ impl Ready {
             message: message.into(),
         }
     }
+}
+
+/// The `Ready` a resource gets when etcd could not take its entries: `False` with reason
+/// `RoutingTableUnavailable`, but only for a generation the status has not observed yet.
+/// A generation that is already published stays `Ready=True` through an etcd outage: its
+/// entries are still in the table and sidecars keep routing with them, so that is the
+/// truth. Other errors leave the status alone (the error policy retries them).
+pub fn routing_unavailable(
+    error: &Error,
+    generation: Option<i64>,
+    observed: Option<i64>,
+) -> Option<Ready> {
+    match error {
+        Error::Etcd(source) if generation != observed => Some(Ready::no(
+            "RoutingTableUnavailable",
+            format!(
+                "generation {} is not in the routing table yet: etcd is unavailable ({source}); retrying",
+                generation.unwrap_or_default()
+            ),
+        )),
+        _ => None,
+    }
+}
+
+/// Records [`routing_unavailable`] on a Topic's or Subscription's status (best effort: the
+/// API server may be what failed), then hands the error back for the error policy.
+pub async fn unpublished<K>(
+    api: &Api<K>,
+    obj: &K,
+    current: Option<&ResourceStatus>,
+    error: Error,
+    ctx: &Context,
+) -> Error
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let generation = obj.meta().generation;
+    let observed = current.and_then(|s| s.observed_generation);
+    if let Some(ready) = routing_unavailable(&error, generation, observed) {
+        let previous = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+        let status = ResourceStatus {
+            observed_generation: generation,
+            conditions: vec![ready_condition(&ready, generation, previous)],
+        };
+        let name = obj.meta().name.clone().unwrap_or_default();
+        if let Err(status_error) = apply_status(api, &name, current, &status, ctx).await {
+            warn!(%status_error, "could not record RoutingTableUnavailable");
+        }
+    }
+    error
 }
 
 /// The `Ready` condition for `generation`, keeping the previous `lastTransitionTime` when
@@ -120,6 +171,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_unpublished_generation_turns_unavailable() {
+        let etcd = Error::Etcd(etcd_client::Error::InvalidArgs("down".into()));
+        let ready = routing_unavailable(&etcd, Some(3), Some(2)).map(|r| (r.ready, r.reason));
+        assert_eq!(ready, Some((false, "RoutingTableUnavailable")));
+        assert_eq!(routing_unavailable(&etcd, Some(3), Some(3)), None);
+        assert_eq!(
+            routing_unavailable(&Error::NotLeader, Some(3), Some(2)),
+            None
+        );
+    }
 
     #[test]
     fn the_transition_time_is_kept_while_the_status_holds() {

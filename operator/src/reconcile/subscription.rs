@@ -21,7 +21,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event, finalizer};
 use tracing::{info, instrument};
 
-use super::status::{Ready, apply_status, ready_condition};
+use super::status::{Ready, apply_status, ready_condition, unpublished};
 use super::{Context, RESYNC, finalizer_error, reconciled};
 use crate::desired::entries::{
     namespaced_ref, split_ref, subscription_entry, subscription_entry_key, subscription_kv,
@@ -122,9 +122,16 @@ async fn apply(api: &Api<Subscription>, sub: &Subscription, ctx: &Context) -> Re
             } else {
                 BTreeMap::new()
             };
-            let changed = ctx
+            let changed = match ctx
                 .sync_keys(&desired, std::slice::from_ref(&key), None)
-                .await?;
+                .await
+            {
+                Ok(changed) => changed,
+                Err(error) => {
+                    let current = sub.status.as_ref();
+                    return Err(unpublished(api, sub, current, error, ctx).await);
+                }
+            };
             match problems.first() {
                 None => {
                     if changed > 0 {

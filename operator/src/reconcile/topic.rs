@@ -16,7 +16,7 @@ use kube::runtime::finalizer::{Event, finalizer};
 use std::collections::BTreeMap;
 use tracing::{info, instrument};
 
-use super::status::{Ready, apply_status, ready_condition};
+use super::status::{Ready, apply_status, ready_condition, unpublished};
 use super::{Context, RESYNC, finalizer_error, reconciled};
 use crate::desired::entries::{namespaced_ref, topic_entry_key, topic_kv};
 use crate::error::{Error, Result};
@@ -47,9 +47,16 @@ async fn apply(api: &Api<Topic>, topic: &Topic, ctx: &Context) -> Result<Action>
     let key = topic_entry_key(&namespace, &name);
     let ready = match topic_kv(topic) {
         Ok(desired) => {
-            let changed = ctx
+            let changed = match ctx
                 .sync_keys(&desired, std::slice::from_ref(&key), None)
-                .await?;
+                .await
+            {
+                Ok(changed) => changed,
+                Err(error) => {
+                    let current = topic.status.as_ref();
+                    return Err(unpublished(api, topic, current, error, ctx).await);
+                }
+            };
             if changed > 0 {
                 info!(%key, "topic written to the routing table");
             }

@@ -8,6 +8,7 @@ use ferry_api::Topic;
 use ferry_api::{ConsumerGroup, Subscription};
 use ferry_kind_tests::wait_for_value;
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
 use kube::api::Api;
 
 use crate::faults::*;
@@ -20,8 +21,8 @@ const OUTAGE: Duration = Duration::from_secs(5);
 /// here are four; a hot loop would make hundreds).
 const MAX_ERRORS_PER_SECOND: f64 = 20.0;
 
-/// Row 15: the routing table's etcd is paused while a Topic is created and another one is
-/// changed. The operator keeps running, retries with backoff, does not claim Ready for
+/// Rows 15 and 20(b): the routing table's etcd is paused while a Topic is created, another
+/// one is changed and a third is deleted. The operator keeps running, retries with backoff, does not claim Ready for
 /// what it could not write, and writes it all once etcd is back.
 ///
 /// The routing etcd is an etcd of its own, as in production: pausing the API server's etcd
@@ -44,17 +45,20 @@ async fn etcd_outage() -> Result<()> {
     world
         .apply::<Subscription>(subscription("s", "changed", "g"))
         .await?;
+    // Row 20(b): "doomed" is deleted while etcd is down.
+    world.apply::<Topic>(topic("doomed", "Disk")).await?;
     topic_ready(&world, "changed", "True").await?;
+    topic_ready(&world, "doomed", "True").await?;
     group_ready(&world, "g").await?;
     subscription_ready(&world, "s", "True").await?;
     let changed_key = world.key("topics", "changed");
     let new_key = world.key("topics", "created");
+    let doomed_key = world.key("topics", "doomed");
     wait_for_value(CONVERGE, || async {
-        Ok(routing
-            .get_keys(std::slice::from_ref(&changed_key))
-            .await?
-            .contains_key(&changed_key)
-            .then_some(()))
+        let kv = routing
+            .get_keys(&[changed_key.clone(), doomed_key.clone()])
+            .await?;
+        Ok((kv.contains_key(&changed_key) && kv.contains_key(&doomed_key)).then_some(()))
     })
     .await
     .context("the topic reaches the routing etcd")?;
@@ -79,17 +83,38 @@ async fn etcd_outage() -> Result<()> {
     let start = Instant::now();
     world.apply::<Topic>(topic("created", "Memory")).await?;
     world.apply::<Topic>(topic("changed", "Memory")).await?;
+    world
+        .api::<Topic>()
+        .delete("doomed", &Default::default())
+        .await?;
     let changed_generation = world
         .api::<Topic>()
         .get("changed")
         .await?
         .metadata
         .generation;
-    // The fault window itself: etcd stays frozen for OUTAGE.
+    // Ready tells the truth during the outage: the new generations are not in the table.
+    let unavailable = |t: &Topic| {
+        t.status.as_ref().is_some_and(|s| {
+            ready(&s.conditions).is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == "RoutingTableUnavailable"
+                    && c.observed_generation == t.metadata.generation
+            })
+        })
+    };
+    wait_for_value(OUTAGE * 3, || async {
+        let changed = world.api::<Topic>().get("changed").await?;
+        let created = world.api::<Topic>().get("created").await?;
+        Ok((unavailable(&changed) && unavailable(&created)).then_some(()))
+    })
+    .await
+    .context("both topics say RoutingTableUnavailable while etcd is paused")?;
+    // The rest of the fault window: etcd stays frozen for at least OUTAGE.
     tokio::time::sleep(OUTAGE.saturating_sub(start.elapsed())).await;
 
     // During the outage: still running, still leading, healthy, and no status claims the
-    // new generation is Ready (it is not in the table).
+    // new generation is Ready (it is not in the table) — they say why instead.
     ensure_running(&operator.running.task)?;
     ensure!(
         operator.metric("ferry_operator_leader") == 1.0,
@@ -112,6 +137,17 @@ async fn etcd_outage() -> Result<()> {
     ensure!(
         !claims_ready(&changed) && !claims_ready(&created),
         "a status claims Ready for a generation etcd never got"
+    );
+    // The deleted topic waits, Terminating with its finalizer, for its key to go.
+    let doomed = world.api::<Topic>().get_opt("doomed").await?;
+    ensure!(
+        doomed
+            .as_ref()
+            .is_some_and(|t| t.metadata.deletion_timestamp.is_some()
+                && t.finalizers()
+                    .iter()
+                    .any(|f| f == ferry_api::consts::FINALIZER)),
+        "a topic deleted while etcd is down lost its finalizer before its key: {doomed:?}"
     );
     let (_, body) = operator.http_get("/metrics").await?;
     let (errors_during, etcd_errors_during) = errors_of(&body);
@@ -152,6 +188,14 @@ async fn etcd_outage() -> Result<()> {
     .context("the changes made during the outage reach etcd")?;
     topic_ready(&world, "changed", "True").await?;
     topic_ready(&world, "created", "True").await?;
+    // The deleted topic's key goes first, then the object.
+    wait_for_value(CONVERGE, || async {
+        let kv = routing.get_keys(std::slice::from_ref(&doomed_key)).await?;
+        Ok((!kv.contains_key(&doomed_key)).then_some(()))
+    })
+    .await
+    .context("the topic deleted during the outage leaves etcd")?;
+    wait_gone::<Topic>(&world, "doomed").await?;
     subscription_ready(&world, "s", "True").await?;
     println!(
         "after SIGCONT: etcd holds both changes and they are Ready after {:.1}s",
