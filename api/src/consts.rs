@@ -33,3 +33,21 @@ pub const FIELD_MANAGER: &str = "ferry-operator";
 /// Name of the sidecar container the webhook injects; a pod carrying a container of this
 /// name (native sidecar or plain) can be a group member.
 pub const SIDECAR_CONTAINER: &str = "ferry-sidecar";
+/// Pod annotations that override the injected sidecar's defaults, one setting each.
+pub mod sidecar_annotations {
+    /// CPU request of the sidecar container (`100m`, `0.5`).
+    pub const CPU_REQUEST: &str = "ferry.dev/sidecar-cpu-request";
+    /// CPU limit of the sidecar container.
+    pub const CPU_LIMIT: &str = "ferry.dev/sidecar-cpu-limit";
+    /// Memory request of the sidecar container (`64Mi`).
+    pub const MEMORY_REQUEST: &str = "ferry.dev/sidecar-memory-request";
+    /// Memory limit of the sidecar container.
+    pub const MEMORY_LIMIT: &str = "ferry.dev/sidecar-memory-limit";
+    /// The sidecar's log filter (`FERRY_LOG`, e.g. `debug` or `info,ferry_sidecar=debug`).
+    pub const LOG: &str = "ferry.dev/sidecar-log";
+    /// Name of a volume of the pod (a PersistentVolumeClaim, say) to keep the sidecar's log
+    /// on, instead of the default `emptyDir`.
+    pub const DATA_VOLUME: &str = "ferry.dev/data-volume";
+    /// `sizeLimit` of the default `emptyDir` data volume (`1Gi`).
+    pub const DATA_SIZE_LIMIT: &str = "ferry.dev/data-size-limit";
+}

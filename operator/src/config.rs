@@ -116,6 +116,12 @@ pub struct Config {
     #[arg(long, env = "FERRY_SIDECAR_IMAGE", default_value = DEFAULT_SIDECAR_IMAGE)]
     pub sidecar_image: String,
 
+    /// Defaults of the injected sidecar: a YAML file with `image`, `imagePullPolicy`,
+    /// `resources`, `ports`, `etcdEndpoints` and `env` (the Helm chart's `sidecar.yaml`).
+    /// Where it and a flag both set something, the file wins. Read once at start.
+    #[arg(long, env = "FERRY_SIDECAR_CONFIG")]
+    pub sidecar_config: Option<PathBuf>,
+
     /// Log format (the filter is `RUST_LOG`, default `info`).
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -142,6 +148,7 @@ impl Config {
             webhook_cert_dir: None,
             webhook_addr: SocketAddr::from(([0, 0, 0, 0], WEBHOOK_PORT)),
             sidecar_image: DEFAULT_SIDECAR_IMAGE.into(),
+            sidecar_config: None,
             log_format: LogFormat::Text,
         }
     }

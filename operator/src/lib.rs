@@ -146,11 +146,7 @@ async fn start_webhook(
         .map_err(listen_error)?;
     let listener = webhook::tls::TlsListener::new(tcp, tls).map_err(listen_error)?;
     let addr = axum::serve::Listener::local_addr(&listener).map_err(listen_error)?;
-    let router = webhook::router(webhook::Injection {
-        image: config.sidecar_image.clone(),
-        peer_port: config.sidecar_peer_port,
-        etcd_endpoints: config.etcd_endpoints.clone(),
-    });
+    let router = webhook::router(webhook::defaults::injection(config)?);
     info!(%addr, "serving the sidecar-injection webhook");
     let task = tokio::spawn(async move {
         axum::serve(listener, router)

@@ -14,15 +14,18 @@
 //! exclude system namespaces, and fail closed (`failurePolicy: Fail`) only for
 //! namespaces that opted in.
 
+pub mod defaults;
+pub mod overrides;
 pub mod tls;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use ferry_api::consts::{INJECT_ANNOTATION, SIDECAR_ADMIN_PORT};
-use k8s_openapi::api::core::v1::Pod;
+use ferry_api::consts::INJECT_ANNOTATION;
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use serde_json::{Value, json};
@@ -41,20 +44,28 @@ pub const DATA_VOLUME: &str = "ferry-data";
 /// Where the data volume is mounted in the sidecar.
 pub const DATA_DIR: &str = "/var/lib/ferry";
 
-/// What the injected container needs to know.
+/// What the injected container needs to know ([`defaults::injection`] builds it).
 #[derive(Debug, Clone)]
 pub struct Injection {
     /// The sidecar image.
     pub image: String,
+    /// The image pull policy (the cluster's default when unset).
+    pub image_pull_policy: Option<String>,
     /// Sidecar peer port (`FERRY_PEER_ADDR`, `FERRY_ADVERTISE_ADDR`).
     pub peer_port: u16,
+    /// Sidecar admin port (metrics, health, the readiness probe).
+    pub admin_port: u16,
     /// etcd endpoints the sidecar follows the routing table from.
     pub etcd_endpoints: Vec<String>,
+    /// Default requests and limits; pod annotations override them one by one.
+    pub resources: Option<ResourceRequirements>,
+    /// More `FERRY_*` settings of the sidecar.
+    pub env: BTreeMap<String, String>,
 }
 
-/// The JSON patch that injects the sidecar, or `None` when the pod did not ask for it or
-/// already has it.
-pub fn inject(pod: &Pod, injection: &Injection) -> Option<Value> {
+/// The JSON patch that injects the sidecar; `Ok(None)` when the pod did not ask for it or
+/// already has it, `Err` (a message naming the annotation) when an override is malformed.
+pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String> {
     let asked = pod
         .metadata
         .annotations
@@ -62,9 +73,12 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Option<Value> {
         .and_then(|a| a.get(INJECT_ANNOTATION))
         .is_some_and(|v| v == "true");
     if !asked || carries_sidecar(pod) {
-        return None;
+        return Ok(None);
     }
-    let spec = pod.spec.as_ref()?;
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(None);
+    };
+    let overrides = overrides::overrides(pod)?;
     let field = |path: &str| json!({"valueFrom": {"fieldRef": {"fieldPath": path}}});
     let env = |name: &str, mut value: Value| {
         if let Some(obj) = value.as_object_mut() {
@@ -73,28 +87,65 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Option<Value> {
         value
     };
     let port = injection.peer_port;
-    let container = json!({
+    let mut settings = injection.env.clone();
+    settings.insert("FERRY_PEER_ADDR".into(), format!("0.0.0.0:{port}"));
+    if let Some(log) = &overrides.log {
+        settings.insert("FERRY_LOG".into(), log.clone());
+    }
+    let mut env_list = vec![
+        env("FERRY_POD_NAME", field("metadata.name")),
+        env("FERRY_NAMESPACE", field("metadata.namespace")),
+        env("FERRY_NODE", field("spec.nodeName")),
+        env("FERRY_SERVICE_ACCOUNT", field("spec.serviceAccountName")),
+        env("FERRY_POD_IP", field("status.podIP")),
+        env(
+            "FERRY_ADVERTISE_ADDR",
+            json!({"value": format!("$(FERRY_POD_IP):{port}")}),
+        ),
+        env("FERRY_DATA_DIR", json!({"value": DATA_DIR})),
+        env(
+            "FERRY_ETCD_ENDPOINTS",
+            json!({"value": injection.etcd_endpoints.join(",")}),
+        ),
+    ];
+    env_list.extend(settings.iter().map(|(k, v)| env(k, json!({ "value": v }))));
+    let mut resources = injection.resources.clone().unwrap_or_default();
+    if !overrides.requests.is_empty() {
+        resources
+            .requests
+            .get_or_insert_with(Default::default)
+            .extend(overrides.requests.clone());
+    }
+    if !overrides.limits.is_empty() {
+        resources
+            .limits
+            .get_or_insert_with(Default::default)
+            .extend(overrides.limits.clone());
+    }
+    let data_volume = overrides
+        .data_volume
+        .clone()
+        .unwrap_or_else(|| DATA_VOLUME.to_owned());
+    let mut container = json!({
         "name": SIDECAR_CONTAINER,
         "image": injection.image,
         "restartPolicy": "Always",
         "ports": [
             {"name": PEER_PORT_NAME, "containerPort": port, "protocol": "TCP"},
-            {"name": ADMIN_PORT_NAME, "containerPort": SIDECAR_ADMIN_PORT, "protocol": "TCP"},
+            {"name": ADMIN_PORT_NAME, "containerPort": injection.admin_port, "protocol": "TCP"},
         ],
-        "env": [
-            env("FERRY_POD_NAME", field("metadata.name")),
-            env("FERRY_NAMESPACE", field("metadata.namespace")),
-            env("FERRY_NODE", field("spec.nodeName")),
-            env("FERRY_SERVICE_ACCOUNT", field("spec.serviceAccountName")),
-            env("FERRY_POD_IP", field("status.podIP")),
-            env("FERRY_PEER_ADDR", json!({"value": format!("0.0.0.0:{port}")})),
-            env("FERRY_ADVERTISE_ADDR", json!({"value": format!("$(FERRY_POD_IP):{port}")})),
-            env("FERRY_DATA_DIR", json!({"value": DATA_DIR})),
-            env("FERRY_ETCD_ENDPOINTS", json!({"value": injection.etcd_endpoints.join(",")})),
-        ],
-        "volumeMounts": [{"name": DATA_VOLUME, "mountPath": DATA_DIR}],
+        "env": env_list,
+        "volumeMounts": [{"name": data_volume, "mountPath": DATA_DIR}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": ADMIN_PORT_NAME}, "periodSeconds": 2},
     });
+    if let Some(obj) = container.as_object_mut() {
+        if let Some(policy) = &injection.image_pull_policy {
+            obj.insert("imagePullPolicy".into(), json!(policy));
+        }
+        if resources != ResourceRequirements::default() {
+            obj.insert("resources".into(), json!(resources));
+        }
+    }
     let mut ops = Vec::new();
     match &spec.init_containers {
         Some(init) if !init.is_empty() => {
@@ -102,15 +153,20 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Option<Value> {
         }
         _ => ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]})),
     }
-    let volume = json!({"name": DATA_VOLUME, "emptyDir": {}});
+    let mut empty_dir = json!({});
+    if let Some(limit) = &overrides.data_size_limit {
+        empty_dir = json!({ "sizeLimit": limit });
+    }
+    let volume = json!({"name": DATA_VOLUME, "emptyDir": empty_dir});
     match &spec.volumes {
+        _ if overrides.data_volume.is_some() => {}
         Some(volumes) if volumes.iter().any(|v| v.name == DATA_VOLUME) => {}
         Some(volumes) if !volumes.is_empty() => {
             ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
         }
         _ => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
     }
-    Some(Value::Array(ops))
+    Ok(Some(Value::Array(ops)))
 }
 
 /// The webhook's routes.
@@ -135,7 +191,18 @@ async fn mutate(
     let Some(pod) = &request.object else {
         return Json(response.into_review());
     };
-    if let Some(patch) = inject(pod, &injection) {
+    let patch = match inject(pod, &injection) {
+        Ok(patch) => patch,
+        Err(message) => {
+            info!(
+                namespace = request.namespace.as_deref().unwrap_or_default(),
+                %message,
+                "pod denied"
+            );
+            return Json(response.deny(message).into_review());
+        }
+    };
+    if let Some(patch) = patch {
         let patch = serde_json::from_value::<json_patch::Patch>(patch)
             .map_err(|e| e.to_string())
             .and_then(|patch| {
@@ -171,8 +238,12 @@ mod tests {
     fn injection() -> Injection {
         Injection {
             image: "ferry-sidecar:test".into(),
+            image_pull_policy: None,
             peer_port: 7710,
+            admin_port: 7790,
             etcd_endpoints: vec!["http://etcd:2379".into()],
+            resources: None,
+            env: BTreeMap::new(),
         }
     }
 
@@ -184,13 +255,13 @@ mod tests {
     fn only_pods_that_ask_get_the_sidecar_once() -> Result<(), Box<dyn std::error::Error>> {
         let plain =
             pod(json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "app"}]}}))?;
-        assert_eq!(inject(&plain, &injection()), None);
+        assert_eq!(inject(&plain, &injection()), Ok(None));
 
         let asking = pod(json!({
             "metadata": {"name": "a", "annotations": {"ferry.dev/inject": "true"}},
             "spec": {"containers": [{"name": "app"}], "volumes": [{"name": "x", "emptyDir": {}}]}
         }))?;
-        let patch = inject(&asking, &injection()).ok_or("no patch")?;
+        let patch = inject(&asking, &injection())?.ok_or("no patch")?;
         let mut doc = serde_json::to_value(&asking)?;
         json_patch::patch(
             &mut doc,
@@ -209,7 +280,61 @@ mod tests {
             init_containers: Some(vec![sidecar.clone()]),
             ..Default::default()
         });
-        assert_eq!(inject(&again, &injection()), None, "idempotent");
+        assert_eq!(inject(&again, &injection()), Ok(None), "idempotent");
+        Ok(())
+    }
+
+    #[test]
+    fn annotations_override_the_defaults() -> Result<(), Box<dyn std::error::Error>> {
+        let mut defaults = injection();
+        defaults.resources = Some(serde_json::from_value(
+            json!({"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}}),
+        )?);
+        defaults
+            .env
+            .insert("FERRY_SHUTDOWN_GRACE".into(), "25s".into());
+        let asking = pod(json!({
+            "metadata": {"name": "a", "annotations": {
+                "ferry.dev/inject": "true",
+                "ferry.dev/sidecar-memory-limit": "1Gi",
+                "ferry.dev/sidecar-log": "debug",
+                "ferry.dev/data-volume": "pvc",
+            }},
+            "spec": {"containers": [{"name": "app"}], "volumes": [{"name": "pvc", "persistentVolumeClaim": {"claimName": "c"}}]}
+        }))?;
+        let patch = inject(&asking, &defaults)?.ok_or("no patch")?;
+        let mut doc = serde_json::to_value(&asking)?;
+        json_patch::patch(
+            &mut doc,
+            &serde_json::from_value::<json_patch::Patch>(patch)?,
+        )?;
+        let injected: Pod = serde_json::from_value(doc)?;
+        let spec = injected.spec.ok_or("no spec")?;
+        let sidecar = &spec.init_containers.ok_or("no init containers")?[0];
+        let resources = sidecar.resources.clone().ok_or("no resources")?;
+        assert_eq!(resources.limits.ok_or("limits")?["memory"].0, "1Gi");
+        assert_eq!(resources.requests.ok_or("requests")?["cpu"].0, "20m");
+        let env = sidecar.env.clone().unwrap_or_default();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(value("FERRY_LOG").as_deref(), Some("debug"));
+        assert_eq!(value("FERRY_SHUTDOWN_GRACE").as_deref(), Some("25s"));
+        assert_eq!(
+            sidecar.volume_mounts.clone().unwrap_or_default()[0].name,
+            "pvc"
+        );
+        assert_eq!(spec.volumes.ok_or("volumes")?.len(), 1, "no emptyDir added");
+
+        let mut bad = asking.clone();
+        bad.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("ferry.dev/sidecar-cpu-request".into(), "a lot".into());
+        let error = inject(&bad, &defaults).unwrap_err();
+        assert!(error.contains("ferry.dev/sidecar-cpu-request"), "{error}");
         Ok(())
     }
 }

@@ -226,6 +226,24 @@ async fn the_webhook_injects_a_native_sidecar() -> Result<()> {
     set_pod_status(&world, "plain", "10.3.0.2", true).await?;
     wait_members(&world, "injected", &[probe.as_str()], CONVERGE).await?;
 
+    // A malformed override is refused at admission, naming the annotation.
+    let mut bad = asking_pod("bad-override")?;
+    bad.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("ferry.dev/sidecar-memory-limit".into(), "lots".into());
+    let refused = pods
+        .create(&PostParams::default(), &bad)
+        .await
+        .err()
+        .context("a pod with a malformed sidecar annotation is refused")?;
+    ensure!(
+        refused
+            .to_string()
+            .contains("ferry.dev/sidecar-memory-limit"),
+        "{refused}"
+    );
+
     rotation_and_tls_failure(&world, &pods, addr, certs.path(), ca_dir.path()).await?;
 
     configs
