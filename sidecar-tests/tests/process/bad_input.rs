@@ -1,5 +1,6 @@
-//! RELIABILITY.md row 23, app ports: each bad input gets a precise status, and garbage on
-//! the gRPC port does not crash the sidecar (same PID, still answers).
+//! RELIABILITY.md row 23: each bad input on the app ports gets a precise status, and
+//! garbage or huge headers on any port (app, peer, admin) do not crash a sidecar (same PID,
+//! still answers).
 
 use std::time::Duration;
 
@@ -99,16 +100,47 @@ async fn bad_input_on_app_ports_gets_precise_errors() -> anyhow::Result<()> {
     println!("bad_input: HTTP ack of unknown delivery -> {}", ack.status);
     assert_eq!(ack.status, 404);
 
-    // Random bytes on the gRPC port: the connection is refused or closed, nothing crashes.
-    for _ in 0..5 {
-        let mut garbage = vec![0u8; 4096];
-        rng.fill_bytes(&mut garbage);
-        let mut stream = tokio::net::TcpStream::connect(endpoints.app_grpc).await?;
-        let _ = stream.write_all(&garbage).await;
-        let mut buf = [0u8; 1024];
-        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    // Random bytes on every port of both sidecars (app gRPC and HTTP, peer, admin): the
+    // connection is answered with an error or closed, nothing crashes.
+    let consumer = mesh.mesh.endpoints("g-a")?;
+    let consumer_pid = mesh.mesh.process("g-a")?.pid;
+    let ports = [
+        ("app gRPC", endpoints.app_grpc),
+        ("app HTTP", endpoints.app_http),
+        ("peer", endpoints.peer),
+        ("admin", endpoints.admin),
+        ("consumer peer", consumer.peer),
+        ("consumer admin", consumer.admin),
+    ];
+    for (name, addr) in ports {
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            let mut garbage = vec![0u8; 4096];
+            rng.fill_bytes(&mut garbage);
+            answers.push(send_and_read(addr, &garbage).await?);
+        }
+        println!("bad_input: random bytes on the {name} port -> {answers:?}");
+        assert!(
+            !answers.iter().any(|a| a == "silent"),
+            "{name}: garbage left a connection open without an answer"
+        );
+    }
+    // Huge headers on the HTTP ports: 431, or the connection closed.
+    for (name, addr) in [("app HTTP", endpoints.app_http), ("admin", endpoints.admin)] {
+        let mut request = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: ".to_vec();
+        request.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+        request.extend(b"\r\n\r\n");
+        let answer = send_and_read(addr, &request).await?;
+        println!("bad_input: 1 MiB header on the {name} port -> {answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 431") || answer.starts_with("closed"),
+            "{name}: {answer}"
+        );
     }
     assert_eq!(mesh.mesh.process("producer")?.pid, pid);
+    assert_eq!(mesh.mesh.process("g-a")?.pid, consumer_pid);
+    let status = http::get(consumer.admin, "/healthz").await?;
+    assert_eq!(status.status, 200, "the consumer is still healthy");
     let status = http::get(endpoints.admin, "/healthz").await?;
     assert_eq!(status.status, 200, "still healthy");
     let again = app
@@ -120,4 +152,27 @@ async fn bad_input_on_app_ports_gets_precise_errors() -> anyhow::Result<()> {
         again.offset
     );
     Ok(())
+}
+
+/// Writes `bytes` to `addr` and says how the server answered: its status line, `closed`,
+/// or `silent` when it neither answered nor closed within a few seconds.
+async fn send_and_read(addr: std::net::SocketAddr, bytes: &[u8]) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    // The server may close before taking everything; that is an answer too.
+    let _ = stream.write_all(bytes).await;
+    let mut buf = vec![0u8; 4096];
+    Ok(
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => "closed".to_owned(),
+            Ok(Ok(n)) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if text.starts_with("HTTP/") {
+                    text.lines().next().unwrap_or_default().to_owned()
+                } else {
+                    format!("{n} bytes of HTTP/2 (a GOAWAY)")
+                }
+            }
+            Err(_) => "silent".to_owned(),
+        },
+    )
 }
