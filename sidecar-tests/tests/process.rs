@@ -11,6 +11,7 @@ mod process {
     pub mod dev_cli;
     pub mod grpcurl;
     pub mod kill9;
+    pub mod late_ack;
     pub mod load_baseline;
     pub mod sigterm;
     pub mod torn_tail;
