@@ -14,6 +14,8 @@
 pub mod acked;
 pub mod ids;
 pub mod inbox;
+#[cfg(test)]
+mod namespace_tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,6 +120,12 @@ impl Consumer {
     fn inbox(&self, subscription: &str, table: &RoutingTable) -> Result<Arc<Inbox>, Error> {
         let resolved = crate::routing::resolve_subscription(table, subscription)
             .ok_or_else(|| Error::UnknownSubscription(subscription.to_owned()))?;
+        if !crate::routing::may_subscribe(resolved.topic, &resolved.subscription.namespace) {
+            return Err(Error::PermissionDenied(format!(
+                "subscription {subscription} may not receive topic {}: namespace {} is not in its allowedSubscriberNamespaces",
+                resolved.subscription.topic, resolved.subscription.namespace
+            )));
+        }
         let window = (resolved.subscription.qos == Qos::ExactlyOnce)
             .then(|| Duration::from_millis(resolved.topic.dedup_window_ms.max(1)));
         if let Some(inbox) = self
@@ -213,11 +221,12 @@ impl Consumer {
                 .is_some_and(|m| m.contains_key(&self.pod));
             let inbox = match self.inbox(&sub, &table) {
                 Ok(inbox) if member => inbox,
-                Ok(_) | Err(_) => {
-                    let reason = if member {
-                        format!("subscription {sub:?} is unknown to this sidecar")
-                    } else {
-                        format!("pod {:?} is not a member of the group of {sub:?}", self.pod)
+                result => {
+                    let reason = match result {
+                        Err(error) => error.to_string(),
+                        Ok(_) => {
+                            format!("pod {:?} is not a member of the group of {sub:?}", self.pod)
+                        }
                     };
                     for i in items {
                         replies.push(Reply {

@@ -135,6 +135,14 @@ impl DeliveryManager {
         for store in &stores {
             let mut subs: Vec<String> = table
                 .subscriptions_of(&store.topic)
+                .filter(|s| {
+                    // Producer side of the allowedSubscriberNamespaces check (the consumer
+                    // side is in `consumer`): no dispatcher, so nothing is sent across.
+                    table
+                        .topics
+                        .get(&s.topic)
+                        .is_some_and(|t| crate::routing::may_subscribe(t, &s.namespace))
+                })
                 .map(|s| ferry_api::routing::object_ref(&s.namespace, &s.name))
                 .collect();
             subs.sort();

@@ -30,6 +30,19 @@ pub fn may_publish(topic: &TopicEntry, namespace: &str, service_account: &str) -
     }
 }
 
+/// Whether a subscription of `namespace` may receive `topic`'s messages: a topic's own
+/// namespace always may, another only when the topic lists it in
+/// `allowedSubscriberNamespaces`. The operator already leaves such a subscription out of
+/// the table; the producing and the consuming sidecar check again, so that a table written
+/// by something else (or an old one) cannot carry messages across namespaces.
+pub fn may_subscribe(topic: &TopicEntry, namespace: &str) -> bool {
+    topic.namespace == namespace
+        || topic
+            .allowed_subscriber_namespaces
+            .iter()
+            .any(|n| n == namespace)
+}
+
 /// A subscription with the group and topic it refers to, as one lookup.
 #[derive(Debug, Clone)]
 pub struct Resolved<'a> {
@@ -144,6 +157,16 @@ pub(crate) mod tests {
         assert!(super::may_publish(&t, "billing", "worker"));
         t.allowed_publishers = Some(vec![]);
         assert!(!super::may_publish(&t, "shop", "api"));
+    }
+
+    #[test]
+    fn subscriber_namespaces() {
+        let mut t = topic("shop", "orders");
+        assert!(super::may_subscribe(&t, "shop"));
+        assert!(!super::may_subscribe(&t, "billing"));
+        t.allowed_subscriber_namespaces = vec!["billing".into()];
+        assert!(super::may_subscribe(&t, "billing"));
+        assert!(!super::may_subscribe(&t, "other"));
     }
 
     #[test]
