@@ -251,6 +251,17 @@ mod tests {
         serde_json::from_value(manifest)
     }
 
+    /// `pod` with the webhook's patch applied.
+    fn injected(pod: &Pod, injection: &Injection) -> Result<Pod, Box<dyn std::error::Error>> {
+        let patch = inject(pod, injection)?.ok_or("no patch")?;
+        let mut doc = serde_json::to_value(pod)?;
+        json_patch::patch(
+            &mut doc,
+            &serde_json::from_value::<json_patch::Patch>(patch)?,
+        )?;
+        Ok(serde_json::from_value(doc)?)
+    }
+
     #[test]
     fn only_pods_that_ask_get_the_sidecar_once() -> Result<(), Box<dyn std::error::Error>> {
         let plain =
@@ -261,13 +272,7 @@ mod tests {
             "metadata": {"name": "a", "annotations": {"ferry.dev/inject": "true"}},
             "spec": {"containers": [{"name": "app"}], "volumes": [{"name": "x", "emptyDir": {}}]}
         }))?;
-        let patch = inject(&asking, &injection())?.ok_or("no patch")?;
-        let mut doc = serde_json::to_value(&asking)?;
-        json_patch::patch(
-            &mut doc,
-            &serde_json::from_value::<json_patch::Patch>(patch)?,
-        )?;
-        let injected: Pod = serde_json::from_value(doc)?;
+        let injected = injected(&asking, &injection())?;
         assert!(carries_sidecar(&injected));
         let spec = injected.spec.ok_or("no spec")?;
         let sidecar = &spec.init_containers.ok_or("no init containers")?[0];
@@ -302,13 +307,7 @@ mod tests {
             }},
             "spec": {"containers": [{"name": "app"}], "volumes": [{"name": "pvc", "persistentVolumeClaim": {"claimName": "c"}}]}
         }))?;
-        let patch = inject(&asking, &defaults)?.ok_or("no patch")?;
-        let mut doc = serde_json::to_value(&asking)?;
-        json_patch::patch(
-            &mut doc,
-            &serde_json::from_value::<json_patch::Patch>(patch)?,
-        )?;
-        let injected: Pod = serde_json::from_value(doc)?;
+        let injected = injected(&asking, &defaults)?;
         let spec = injected.spec.ok_or("no spec")?;
         let sidecar = &spec.init_containers.ok_or("no init containers")?[0];
         let resources = sidecar.resources.clone().ok_or("no resources")?;

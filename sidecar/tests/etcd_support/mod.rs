@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use etcd_client::{Client, GetOptions};
-use ferry_api::crd::{Balancing, Delivery, Durability, Ordering as KeyOrdering, Qos, ZonePolicy};
+use ferry_api::crd::Durability;
 use ferry_api::routing::*;
-use ferry_sidecar::routing::RoutingSource;
 use ferry_sidecar::routing::etcd::{EtcdOptions, EtcdSource, SourceStatus};
+use ferry_sidecar::routing::{RoutingSource, fixtures};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -214,65 +214,21 @@ pub async fn delete(client: &mut Client, key: &str) -> Result<i64> {
     Ok(resp.header().map_or(0, |h| h.revision()))
 }
 
+/// A `Disk` topic entry with the CRD defaults otherwise.
 pub fn topic(ns: &str, name: &str) -> TopicEntry {
-    TopicEntry {
-        schema_version: SCHEMA_VERSION,
-        namespace: ns.into(),
-        name: name.into(),
-        durability: Durability::Disk,
-        replicas: 1,
-        ordering: KeyOrdering::None,
-        retention_max_age_ms: 3_600_000,
-        retention_max_bytes: 1 << 30,
-        max_message_bytes: 1 << 20,
-        dedup_window_ms: 60_000,
-        allowed_publishers: None,
-        allowed_subscriber_namespaces: vec![],
-    }
+    let mut topic = fixtures::topic(ns, name);
+    topic.durability = Durability::Disk;
+    topic
 }
 
-pub fn group(ns: &str, name: &str) -> GroupEntry {
-    GroupEntry {
-        schema_version: SCHEMA_VERSION,
-        namespace: ns.into(),
-        name: name.into(),
-        delivery: Delivery::Unicast,
-        zone_policy: ZonePolicy::PreferSameZone,
-        balancing: Balancing::RoundRobin,
-    }
-}
+pub use fixtures::{group, subscription};
 
-pub fn subscription(ns: &str, name: &str, topic: &str, group: &str) -> SubscriptionEntry {
-    SubscriptionEntry {
-        schema_version: SCHEMA_VERSION,
-        namespace: ns.into(),
-        name: name.into(),
-        topic: object_ref(ns, topic),
-        group: object_ref(ns, group),
-        qos: Qos::AtLeastOnce,
-        ack_wait_ms: 30_000,
-        max_deliveries: 5,
-        backoff_initial_ms: 100,
-        backoff_max_ms: 10_000,
-        backoff_multiplier: 2.0,
-        dead_letter_topic: None,
-        max_in_flight: 100,
-        filter_key_prefix: None,
-        filter_headers: BTreeMap::new(),
-    }
-}
-
+/// A member of `group` at a fixed address, ready or not.
 pub fn member(ns: &str, group: &str, pod: &str, ready: bool) -> MemberEntry {
-    MemberEntry {
-        schema_version: SCHEMA_VERSION,
-        namespace: ns.into(),
-        group: group.into(),
-        pod: pod.into(),
-        address: "10.0.0.1:7710".into(),
-        zone: "z1".into(),
-        node: "n1".into(),
-        ready,
-    }
+    let mut member = fixtures::member(ns, group, pod, "z1", "10.0.0.1:7710");
+    member.node = "n1".into();
+    member.ready = ready;
+    member
 }
 
 /// Whether `revisions` never goes down (no "back in time", RELIABILITY.md row 16).
