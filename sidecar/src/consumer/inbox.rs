@@ -112,7 +112,7 @@ pub struct InboxState {
     finished_order: VecDeque<u64>,
     /// Acked (producer, offset) pairs, to answer repeats and `QueryDelivery`.
     acked_origins: AckedOrigins,
-    /// ExactlyOnce: message ids the app acked, with when.
+    /// ExactlyOnce: message ids the app acked, with when they are forgotten.
     acked_ids: HashMap<String, Instant>,
     pub exactly_once_window: Option<Duration>,
     /// Deliveries handed to the app since the last call of `take_handed`.
@@ -368,14 +368,21 @@ impl InboxState {
         }
     }
 
-    /// Acks (`nack = None`) or nacks (`Some(delay)`) a delivery handed out.
+    /// Remembers ids the app acked before a restart (ExactlyOnce), each until its instant.
+    pub fn seed_acked(&mut self, ids: Vec<(String, Instant)>) {
+        self.acked_ids.extend(ids);
+    }
+
+    /// Acks (`nack = None`) or nacks (`Some(delay)`) a delivery handed out. Returns the
+    /// message id of an ExactlyOnce ack, which the caller must make durable before it sends
+    /// the replies upstream.
     pub fn settle(
         &mut self,
         seq: u64,
         nack: Option<u64>,
         now: Instant,
         out: &mut Vec<Reply>,
-    ) -> Result<(), Finish> {
+    ) -> Result<Option<String>, Finish> {
         if let Some(h) = self.held.get(&seq)
             && matches!(h.state, HeldState::Queued { .. })
         {
@@ -396,16 +403,17 @@ impl InboxState {
                             &h.message_id,
                             now,
                         );
-                        if self.exactly_once_window.is_some() {
-                            self.acked_ids.insert(h.message_id.clone(), now);
-                        }
                         self.reply(&h, Outcome::Acked, 0, "", out);
+                        if let Some(w) = self.exactly_once_window {
+                            self.acked_ids.insert(h.message_id.clone(), now + w);
+                            return Ok(Some(h.message_id));
+                        }
                     }
                     Some(delay) => {
                         self.reply(&h, Outcome::Nacked, delay, "nacked by the app", out);
                     }
                 }
-                Ok(())
+                Ok(None)
             }
             None => Err(self.finished.get(&seq).copied().unwrap_or(Finish::Returned)),
         }
@@ -469,9 +477,7 @@ impl InboxState {
             }
         }
         self.acked_origins.expire(now);
-        if let Some(w) = self.exactly_once_window {
-            self.acked_ids.retain(|_, at| now.duration_since(*at) < w);
-        }
+        self.acked_ids.retain(|_, until| now < *until);
     }
 
     /// Returns every held delivery to its producer (shutdown, subscription gone).

@@ -28,6 +28,8 @@ impl Dispatcher {
                     .collect(),
                 _ => vec![0],
             };
+            self.counters.expired.inc();
+            tracing::debug!(subscription = %self.sub, offset, why, "message expired before delivery");
             for k in idle {
                 self.give_up(offset, k, why.into());
             }
