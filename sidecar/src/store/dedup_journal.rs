@@ -2,6 +2,10 @@
 //! offset and time, so that the window survives a restart (`kill -9` or power loss) of the
 //! producer's sidecar.
 //!
+//! Why a file of its own rather than the log's records (which carry id and publish time):
+//! the log skips and then deletes records every subscription settled, and a message that
+//! was delivered and acked is exactly the one whose publisher may still retry it.
+//!
 //! Record: `u32 body length | u32 CRC-32C of the body | body`, body =
 //! `u64 time_ms | u64 offset | id bytes`, little endian. A torn or corrupt tail (a crash
 //! mid-write) ends the replay and is cut off; the ids in it were not acknowledged as
