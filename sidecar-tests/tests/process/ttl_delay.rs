@@ -2,7 +2,7 @@
 //!
 //! - Messages whose TTL ends before their delay are never delivered: they go to the
 //!   subscription's dead-letter topic with the reason, and the producer counts them in
-//!   `ferry_sidecar_expired_total`.
+//!   `ferry_sidecar_expired_total`; also for a subscription whose only member has no room.
 //! - `delay_ms` and the absolute `deliver_at_ms` hold a message back at least that long.
 //! - Messages with a TTL that does not run out are delivered normally.
 
@@ -38,11 +38,21 @@ async fn ttl_expiry_dead_letters_and_delays_hold_back() -> anyhow::Result<()> {
             "deadLetterTopic: jobs-dlq, ackWait: 5s",
         ),
         subscription("jobs-dlq-ops", "jobs-dlq", "ops", ""),
+        // A member that holds one delivery and never acks it: with maxInFlight 1 nothing
+        // else can be sent to it, yet its expired messages are dead-lettered all the same.
+        group("slow", "slow", ""),
+        subscription(
+            "jobs-slow",
+            "jobs",
+            "slow",
+            "deadLetterTopic: jobs-dlq, maxInFlight: 1, ackWait: 60s",
+        ),
     ]
     .concat();
     let pods = [
         pod("worker-a", "zone-a", "worker"),
         pod("ops-a", "zone-a", "ops"),
+        pod("slow-a", "zone-a", "slow"),
         pod("producer", "zone-a", ""),
     ]
     .concat();
@@ -67,6 +77,9 @@ async fn ttl_expiry_dead_letters_and_delays_hold_back() -> anyhow::Result<()> {
         dlq_history.clone(),
         stop.clone(),
     );
+    let mut slow_app = ferryctl::client::connect(&mesh.app_addr("slow-a")?).await?;
+    let mut slow =
+        ferryctl::client::Consumer::subscribe(&mut slow_app, "default/jobs-slow", 1).await?;
     let jobs = "default/jobs";
     let mut app = mesh.app("producer").await?;
     let hold = Duration::from_secs(3);
@@ -120,10 +133,12 @@ async fn ttl_expiry_dead_letters_and_delays_hold_back() -> anyhow::Result<()> {
     }
     wait_for(
         Duration::from_secs(60),
-        "10 expired messages dead-lettered",
-        || dlq_history.deliveries().len() >= 10,
+        "20 expired messages dead-lettered",
+        || dlq_history.deliveries().len() >= 20,
     )
     .await?;
+    let held = slow.next(Duration::from_secs(1)).await?;
+    assert!(held.is_some(), "the slow member holds one delivery");
     let admin = mesh.mesh.endpoints("producer")?.admin;
     let expired = scrape_counter(admin, "expired");
     println!("ttl_delay: producer expired={expired}");
@@ -152,9 +167,9 @@ async fn ttl_expiry_dead_letters_and_delays_hold_back() -> anyhow::Result<()> {
         dead.iter().map(|d| d.message_id.as_str()).collect();
     assert_eq!(
         ids.len(),
-        10,
-        "each expired message dead-lettered once: {ids:?}"
+        20,
+        "each expired message dead-lettered once per subscription: {ids:?}"
     );
-    assert_eq!(expired, 10.0, "expiries counted");
+    assert_eq!(expired, 20.0, "expiries counted");
     Ok(())
 }

@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::store::TopicStore;
 
 mod events;
+mod expiry;
 mod send;
 mod timers;
 
@@ -152,6 +153,9 @@ struct Dispatcher {
     rr: usize,
     settles: Vec<crate::store::SettleItem>,
     counters: Counters,
+    /// When the next expiry sweep is due, and when the last one ran (`expiry.rs`).
+    next_sweep: Option<Instant>,
+    last_sweep: Instant,
 }
 
 /// Runs the dispatcher of `setup.subscription` until `cancel`.
@@ -217,6 +221,8 @@ pub async fn run(
         rr: 0,
         settles: Vec::new(),
         counters,
+        next_sweep: None,
+        last_sweep: Instant::now(),
     };
     d.apply_setup(setup);
     let mut written = d.store.watch_written();
@@ -356,6 +362,9 @@ impl Dispatcher {
                 (Some(t), Some(a)) => Some(if a.0 < t.0 { a } else { t }),
                 (t, a) => t.or(a),
             };
+            if let Some((at, _)) = expires {
+                self.schedule_sweep(at);
+            }
             if self.setup.topic.ordering == Ordering::Key
                 && let Some(k) = &message.key
             {
