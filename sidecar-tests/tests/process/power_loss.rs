@@ -174,5 +174,31 @@ async fn power_loss_disk_vs_diskasync() -> anyhow::Result<()> {
         .filter(|i| !delivered.contains(&format!("click-a-{i}")))
         .count();
     assert_eq!(missing_a, 0, "batch A was fsynced before the power loss");
+
+    // The dedup window after the power loss: ids whose messages survived are still
+    // duplicates; ids whose messages were lost are stored again, not answered "duplicate"
+    // for a message that no longer exists.
+    let r = publish_with(&mut app, &history, ledger, "ledger-0", |_| {}).await?;
+    assert!(
+        r.duplicate,
+        "a surviving Disk id is still remembered: {r:?}"
+    );
+    let r = publish_with(&mut app, &history, clicks, "click-a-0", |_| {}).await?;
+    assert!(
+        r.duplicate,
+        "a surviving DiskAsync id is still remembered: {r:?}"
+    );
+    let lost_b: Vec<String> = (0..50)
+        .map(|i| format!("click-b-{i}"))
+        .filter(|id| !delivered.contains(id))
+        .collect();
+    for id in &lost_b {
+        let r = publish_with(&mut app, &history, clicks, id, |_| {}).await?;
+        assert!(!r.duplicate, "{id} was lost, so it is stored again: {r:?}");
+    }
+    println!(
+        "power_loss: {} lost DiskAsync ids published again and stored as new",
+        lost_b.len()
+    );
     Ok(())
 }

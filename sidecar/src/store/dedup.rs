@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 use super::dedup_journal::{DedupJournal, JournalEntry, JournalError};
 use crate::clock::Anchor;
-use crate::log::Offset;
+use crate::log::{Log, Offset};
+
+/// Most log records read back at startup for ids the journal may not have made durable.
+const LOG_TAIL_SCAN: u64 = 1 << 20;
 
 /// Ids seen within a sliding window.
 #[derive(Debug)]
@@ -41,17 +44,52 @@ impl DedupWindow {
         }
     }
 
-    /// A window kept in a journal in `dir` too, re-seeded from it. A zero window opens no
-    /// journal.
-    pub fn open(window: Duration, dir: &Path) -> Result<Self, JournalError> {
+    /// A window kept in a journal in `dir` too, re-seeded from it and from the records of
+    /// `log` (the topic's recovered log) that come after the last journalled one. A zero
+    /// window opens no journal.
+    ///
+    /// Journalled ids whose offset is past the end of the recovered log are dropped: their
+    /// records were lost (a power loss, a torn tail), and remembering them would answer a
+    /// publisher's retry "duplicate" for a message that no longer exists. This check is what
+    /// lets the journal be fsynced on its own schedule rather than after every log fsync.
+    pub fn open(window: Duration, dir: &Path, log: &dyn Log) -> Result<Self, JournalError> {
         let mut w = Self::new(window);
         if !w.enabled() {
             return Ok(w);
         }
         let (journal, entries) = DedupJournal::open(dir)?;
-        let n = entries.len();
+        let journalled = entries.len();
+        let written = log.written();
+        let mut entries: Vec<JournalEntry> =
+            entries.into_iter().filter(|e| e.offset < written).collect();
+        let dropped = journalled - entries.len();
+        // Records after the last journalled offset: their ids may not have reached the
+        // journal's disk before a crash.
+        let from = entries
+            .iter()
+            .map(|e| e.offset + 1)
+            .max()
+            .unwrap_or(0)
+            .max(log.first())
+            .max(written.saturating_sub(LOG_TAIL_SCAN));
+        let mut at = from;
+        while at < written {
+            let Ok(batch) = log.read(at, 1024) else {
+                break;
+            };
+            let Some((last, _)) = batch.last() else {
+                break;
+            };
+            at = last + 1;
+            entries.extend(batch.into_iter().map(|(offset, m)| JournalEntry {
+                id: m.id,
+                offset,
+                time_ms: m.publish_time_ms,
+            }));
+        }
         w.seed(entries, Instant::now());
-        tracing::info!(dir = %dir.display(), journalled = n, remembered = w.len(), "dedup window restored");
+        tracing::info!(dir = %dir.display(), journalled, dropped, from_log = written.saturating_sub(from),
+            remembered = w.len(), "dedup window restored");
         w.journal = Some(journal);
         Ok(w)
     }
@@ -118,8 +156,9 @@ impl DedupWindow {
         }
     }
 
-    /// Makes journalled ids durable; called right after the log's own fsync. Rewrites the
-    /// journal when it is mostly expired ids.
+    /// Makes journalled ids durable; called about once a second by the store thread, and
+    /// always before the log deletes settled segments, so that an id outlives its record.
+    /// Rewrites the journal when it is mostly expired ids.
     pub fn sync(&mut self) {
         let Some(j) = &mut self.journal else {
             return;
@@ -202,11 +241,26 @@ mod tests {
         assert_eq!(d.get("a", t0 + Duration::from_secs(11)), None);
     }
 
+    fn log_of(ids: &[&str]) -> crate::log::MemoryLog {
+        let mut log = crate::log::MemoryLog::new();
+        let messages: Vec<_> = ids
+            .iter()
+            .map(|id| crate::log::StoredMessage {
+                id: (*id).into(),
+                publish_time_ms: crate::clock::now_ms(),
+                ..crate::log::tests::msg(0)
+            })
+            .collect();
+        log.append(&messages).unwrap();
+        log
+    }
+
     #[test]
     fn the_journal_restores_the_window_with_the_time_left() {
         let dir = tempfile::tempdir().unwrap();
         let window = Duration::from_secs(60);
-        let mut d = DedupWindow::open(window, dir.path()).unwrap();
+        let log = log_of(&["x", "a", "b"]);
+        let mut d = DedupWindow::open(window, dir.path(), &log).unwrap();
         let t0 = Instant::now();
         d.insert("a".into(), 1, t0);
         d.insert("b".into(), 2, t0);
@@ -221,13 +275,39 @@ mod tests {
         });
         j.sync().unwrap();
         drop(j);
-        let mut d = DedupWindow::open(window, dir.path()).unwrap();
+        let mut d = DedupWindow::open(window, dir.path(), &log).unwrap();
         let now = Instant::now();
         assert_eq!(d.get("a", now), Some(1));
         assert_eq!(d.get("b", now), Some(2));
         assert_eq!(d.get("old", now), None);
         // At most the window is left, counted on the monotonic clock.
         assert_eq!(d.get("a", now + window), None);
+    }
+
+    #[test]
+    fn ids_whose_records_were_lost_are_dropped_and_unjournalled_records_added() {
+        let dir = tempfile::tempdir().unwrap();
+        let window = Duration::from_secs(60);
+        let (mut j, _) = DedupJournal::open(dir.path()).unwrap();
+        let time_ms = crate::clock::now_ms();
+        for (id, offset) in [("a", 0), ("ghost", 5)] {
+            j.append(&JournalEntry {
+                id: id.into(),
+                offset,
+                time_ms,
+            });
+        }
+        j.sync().unwrap();
+        drop(j);
+        // The log kept a, b and c; b and c never reached the journal's disk, and the
+        // record of "ghost" (offset 5) was lost.
+        let log = log_of(&["a", "b", "c"]);
+        let mut d = DedupWindow::open(window, dir.path(), &log).unwrap();
+        let now = Instant::now();
+        assert_eq!(d.get("a", now), Some(0));
+        assert_eq!(d.get("b", now), Some(1));
+        assert_eq!(d.get("c", now), Some(2));
+        assert_eq!(d.get("ghost", now), None);
     }
 
     #[test]

@@ -12,9 +12,13 @@
 //! durable, so forgetting them can only let a duplicate in, never drop a message.
 //!
 //! Writes go to the OS each store round ([`DedupJournal::flush`]: survives `kill -9`) and are
-//! fsynced right after the log's own fsync ([`DedupJournal::sync`]), never before it: an id
-//! must not be remembered as stored when its record could still vanish in a power loss,
-//! or the publisher's retry would be answered "duplicate" for a message that is gone.
+//! fsynced about once a second and before the log deletes settled segments
+//! ([`DedupJournal::sync`]), not with every log fsync: that would double the fsyncs of
+//! group commit. Two rules at startup keep that safe (`dedup.rs`): ids whose offset lies
+//! past the end of the recovered log are dropped (their records were lost, and a retry of
+//! them must be stored again), and the log's records after the last journalled offset
+//! are read back, so that a power loss forgets only ids of records that were already
+//! settled and not yet journalled durably (at most about one second of them).
 //!
 //! The consuming side keeps the ids its app acked on `ExactlyOnce` subscriptions in the
 //! same format (`consumer/acked_journal.rs`).

@@ -167,7 +167,7 @@ impl TopicStore {
                 let (log, report) =
                     DiskLog::open(&dir, config).map_err(|e| Error::from_log(&topic, e))?;
                 tracing::info!(topic = %topic, ?report, "opened topic log");
-                dedup = DedupWindow::open(window, &dir).map_err(|e| Error::Io {
+                dedup = DedupWindow::open(window, &dir, &log).map_err(|e| Error::Io {
                     what: format!("opening the dedup journal of {topic}"),
                     source: std::io::Error::other(e),
                 })?;

@@ -182,9 +182,6 @@ impl StoreThread {
             if let Err(e) = self.log.sync() {
                 tracing::error!(topic = %self.topic, error = %e, "fsync failed");
                 sync_error = Some(e.to_string());
-            } else {
-                // After the log's fsync, never before: see `dedup_journal.rs`.
-                self.dedup.sync();
             }
             self.dirty = false;
             self.last_sync = Instant::now();
@@ -224,6 +221,8 @@ impl StoreThread {
         }
         if self.last_compact.elapsed() >= COMPACT_EVERY {
             self.last_compact = Instant::now();
+            // Before compaction may delete records: their ids must be durable first.
+            self.dedup.sync();
             if let Err(e) = self.log.compact() {
                 tracing::warn!(topic = %self.topic, error = %e, "compaction failed");
             }
