@@ -190,12 +190,22 @@ impl Consumer {
     /// the ack still sent: the id stays remembered in memory, and only a restart of this
     /// sidecar could then let a duplicate through.
     fn persist_acked(&self, inbox: &Inbox, message_id: &str) {
-        let mut journal = lock(&inbox.acked_journal);
-        if let Some(j) = journal.as_mut()
-            && let Err(e) = j.record(message_id, Instant::now())
-        {
-            tracing::error!(subscription = %inbox.subscription, error = %e,
-                "ExactlyOnce acked id not persisted; a restart could redeliver it");
+        let write = || {
+            let mut journal = lock(&inbox.acked_journal);
+            if let Some(j) = journal.as_mut()
+                && let Err(e) = j.record(message_id, Instant::now())
+            {
+                tracing::error!(subscription = %inbox.subscription, error = %e,
+                    "ExactlyOnce acked id not persisted; a restart could redeliver it");
+            }
+        };
+        // The fsync blocks: tell a multi-threaded runtime, so that it moves other tasks off
+        // this worker meanwhile (a current-thread runtime cannot, and just waits).
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(write);
+            }
+            _ => write(),
         }
     }
 
