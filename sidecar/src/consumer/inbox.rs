@@ -16,8 +16,7 @@ use super::ReplyTo;
 use super::acked::{AckedOrigins, Origin};
 use crate::log::Offset;
 
-/// How many settled delivery ids are remembered for precise "expired"/"already settled"
-/// answers.
+/// Settled delivery ids remembered, for precise "expired"/"already settled" answers.
 const FINISHED_MEMORY: usize = 100_000;
 
 /// Re-linked attempt numbers kept per held delivery (see `Held::earlier`).
@@ -309,6 +308,11 @@ impl InboxState {
         }
     }
 
+    /// Remembers ids the app acked before a restart (ExactlyOnce), each until its instant.
+    pub fn seed_acked(&mut self, ids: Vec<(String, Instant)>) {
+        self.acked_ids.extend(ids);
+    }
+
     /// Deliveries handed out since the last call.
     pub fn take_handed(&mut self) -> u64 {
         std::mem::take(&mut self.handed)
@@ -368,14 +372,8 @@ impl InboxState {
         }
     }
 
-    /// Remembers ids the app acked before a restart (ExactlyOnce), each until its instant.
-    pub fn seed_acked(&mut self, ids: Vec<(String, Instant)>) {
-        self.acked_ids.extend(ids);
-    }
-
-    /// Acks (`nack = None`) or nacks (`Some(delay)`) a delivery handed out. Returns the
-    /// message id of an ExactlyOnce ack, which the caller must make durable before it sends
-    /// the replies upstream.
+    /// Acks (`nack = None`) or nacks (`Some(delay)`) a delivery handed out. An ExactlyOnce
+    /// ack returns its message id: the caller persists it before sending the replies.
     pub fn settle(
         &mut self,
         seq: u64,
