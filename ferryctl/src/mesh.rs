@@ -268,6 +268,25 @@ impl Mesh {
         Ok(self.running.entry(id).or_insert(process))
     }
 
+    /// [`Mesh::restart`] with extra environment for this one start of the pod's sidecar
+    /// (tests: a fault to inject, a skewed clock); later restarts go without it.
+    pub async fn restart_with_env(
+        &mut self,
+        pod: &str,
+        env: &[(String, String)],
+    ) -> Result<&SidecarProcess, MeshError> {
+        let spec = self.spec(pod)?.clone();
+        let id = spec.pod.id();
+        if let Some(mut old) = self.running.remove(&id) {
+            old.terminate(self.launch.shutdown_grace + Duration::from_secs(5))
+                .await?;
+        }
+        let mut launch = self.launch.clone();
+        launch.env.extend(env.iter().cloned());
+        let process = SidecarProcess::start(&spec, &launch).await?;
+        Ok(self.running.entry(id).or_insert(process))
+    }
+
     /// SIGTERMs every sidecar at once and waits for them (grace period plus a margin, then
     /// SIGKILL). Returns the pods that did not exit cleanly.
     pub async fn shutdown(&mut self) -> Vec<String> {

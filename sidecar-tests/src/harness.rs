@@ -21,8 +21,8 @@ use tokio::time::Instant;
 
 use crate::history::{Delivered, History};
 
-/// Builds `ferry-sidecar` and `ferryctl` once per test process (so the tests always run
-/// the current code) and returns the sidecar's path: `FERRY_SIDECAR_BIN` if set, else the binary Cargo puts next to
+/// Builds `ferry-sidecar` (with its test-only `failpoints` and `powerloss` features) and
+/// `ferryctl` once per test process (so the tests always run the current code) and returns the sidecar's path: `FERRY_SIDECAR_BIN` if set, else the binary Cargo puts next to
 /// this test executable's `deps/` folder, built with the same profile.
 pub fn sidecar_bin() -> Result<PathBuf> {
     static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
@@ -45,7 +45,13 @@ fn build_sidecar() -> Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
-        .args(["build", "--quiet", "-p", "ferry-sidecar", "-p", "ferryctl"]);
+        .args(["build", "--quiet", "-p", "ferry-sidecar", "-p", "ferryctl"])
+        // Fault injection for the tests that ask for it (inert unless configured through
+        // FAILPOINTS or FERRY_SIMULATE_POWER_LOSS).
+        .args([
+            "--features",
+            "ferry-sidecar/failpoints,ferry-sidecar/powerloss",
+        ]);
     if release {
         cmd.arg("--release");
     }

@@ -5,15 +5,21 @@
 
 mod process {
     pub mod bad_input;
+    pub mod clock_skew;
     pub mod common;
     pub mod dead_letter;
+    pub mod dedup_restart;
     pub mod delivery_counts;
     pub mod dev_cli;
+    pub mod durable_app;
+    pub mod exactly_once_restart;
     pub mod grpcurl;
     pub mod kill9;
     pub mod late_ack;
     pub mod load_baseline;
+    pub mod power_loss;
     pub mod sigterm;
     pub mod torn_tail;
+    pub mod ttl_delay;
     pub mod zones;
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ferry_api::proto::v1::{AckLevel, PublishRequest, PublishResponse};
 use ferry_api::routing::RoutingTable;
@@ -74,10 +74,17 @@ fn new_message_id(now_ms: u64) -> String {
         .to_string()
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// The delay of a publish: `delay_ms`, or until the app's absolute `deliver_at_ms` if that
+/// is later. The absolute time is the app's, on the host's wall clock, so it is compared
+/// with that clock, once, here; from then on it is a relative delay on the sidecar's
+/// monotonic clock (`crate::clock`).
+fn publish_delay_ms(r: &PublishRequest) -> u64 {
+    match r.deliver_at_ms {
+        0 => r.delay_ms,
+        at => r
+            .delay_ms
+            .max(at.saturating_sub(crate::clock::system_wall_ms())),
+    }
 }
 
 impl Engine {
@@ -100,7 +107,12 @@ impl Engine {
             advertise,
         };
         Arc::new(Self {
-            consumer: Consumer::new(config.pod_name.clone(), routing.clone(), metrics.clone()),
+            consumer: Consumer::new(
+                config.pod_name.clone(),
+                routing.clone(),
+                metrics.clone(),
+                Some(config.data_dir.clone()),
+            ),
             identity,
             config,
             routing,
@@ -208,7 +220,7 @@ impl Engine {
             (0..requests.len()).map(|_| None).collect();
         // Valid requests grouped by topic.
         let mut by_topic: HashMap<String, Vec<Pending>> = HashMap::new();
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         // Batches almost always name one topic: qualify it once, not per message.
         let mut last: Option<(String, String)> = None;
         for (i, r) in requests.into_iter().enumerate() {
@@ -242,6 +254,7 @@ impl Engine {
                 0 => DELIVERED_TIMEOUT,
                 ms => Duration::from_millis(ms),
             };
+            let delay_ms = publish_delay_ms(&r);
             let id = if r.message_id.is_empty() {
                 new_message_id(now)
             } else {
@@ -257,7 +270,7 @@ impl Engine {
                 publish_time_ms: now,
                 key_sequence: 0,
                 ttl_ms: r.ttl_ms,
-                delay_ms: r.delay_ms,
+                delay_ms,
             };
             let pending = Pending {
                 index: i,

@@ -1,7 +1,7 @@
 //! The Ferry sidecar, as a library (`main.rs` is a thin wrapper) so that tests and
 //! `ferryctl dev` can run several sidecars in one process.
 //!
-//! Layout: `config` (flags and `FERRY_` environment), `error` (typed errors and their one
+//! Layout: `clock` (wall time read once, then monotonic), `config` (flags and `FERRY_` environment), `error` (typed errors and their one
 //! mapping to gRPC and HTTP statuses), `routing` (where the routing table comes from and
 //! name resolution), `log` (the durable local log), `store` (a thread per topic around its
 //! log: group commit, dedup, backlog limit), `delivery` (producer side: a dispatcher per
@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod consumer;
 pub mod delivery;

@@ -18,6 +18,15 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = Config::parse();
+    // Test builds: failpoints named in FAILPOINTS (e.g. `consumer::acked_persisted=return`).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    // Test builds: drop the un-fsynced writes of the data dir first, as a power loss would.
+    #[cfg(feature = "powerloss")]
+    if std::env::var_os(ferry_sidecar::log::powerloss::SIMULATE_ENV).is_some_and(|v| v == "1") {
+        ferry_sidecar::log::powerloss::simulate(&config.data_dir)
+            .context("simulating a power loss")?;
+    }
     let mut status = None;
     let source: Box<dyn RoutingSource> = match &config.routing_file {
         Some(path) => Box::new(FileSource::new(path.clone())),

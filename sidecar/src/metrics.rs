@@ -54,6 +54,10 @@ pub struct Metrics {
     /// Messages given up without a dead-letter topic, expired by TTL, or dropped by a
     /// `Memory` topic's retention.
     pub dropped: Family<SubLabels, Counter>,
+    /// Messages whose TTL or `retention.maxAge` passed before they were delivered; each is
+    /// also counted as dead-lettered or dropped, whichever the subscription's
+    /// `deadLetterTopic` made of it.
+    pub expired: Family<SubLabels, Counter>,
     /// Bytes not yet settled by every subscription, per topic.
     pub backlog_bytes: Family<TopicLabels, Gauge>,
     /// Age of the oldest unsettled message per subscription.
@@ -93,6 +97,7 @@ impl Metrics {
             redelivered: Family::default(),
             dead_lettered: Family::default(),
             dropped: Family::default(),
+            expired: Family::default(),
             backlog_bytes: Family::default(),
             oldest_age_seconds: Family::default(),
             publish_to_ack_seconds: Family::new_with_constructor(latency_histogram),
@@ -143,6 +148,11 @@ impl Metrics {
             "dropped",
             "Messages given up without a dead-letter topic",
             m.dropped.clone(),
+        );
+        registry.register(
+            "expired",
+            "Messages whose TTL or retention.maxAge passed before delivery",
+            m.expired.clone(),
         );
         registry.register(
             "backlog_bytes",

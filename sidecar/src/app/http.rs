@@ -2,7 +2,7 @@
 //!
 //! - `POST /v1/topics/{ns}/{topic}/publish`: body `{"payload": "text"}` or
 //!   `{"payload_base64": "..."}`, optional `key`, `headers`, `message_id`, `ttl_ms`,
-//!   `delay_ms`, `ack_level` (`none`, `stored`, `delivered`), `delivered_timeout_ms`;
+//!   `delay_ms`, `deliver_at_ms`, `ack_level` (`none`, `stored`, `delivered`), `delivered_timeout_ms`;
 //!   answers `{"message_id", "offset", "duplicate"}`.
 //! - `POST /v1/subscriptions/{ns}/{sub}/fetch?max=N&wait_ms=M`: up to `N` (default 10, at
 //!   most 1000) deliveries, waiting up to `M` ms (default 1000, at most 30000) for the
@@ -67,6 +67,8 @@ struct PublishBody {
     ttl_ms: u64,
     #[serde(default)]
     delay_ms: u64,
+    #[serde(default)]
+    deliver_at_ms: u64,
     ack_level: Option<String>,
     #[serde(default)]
     delivered_timeout_ms: u64,
@@ -185,6 +187,7 @@ async fn publish(
         payload,
         ttl_ms: b.ttl_ms,
         delay_ms: b.delay_ms,
+        deliver_at_ms: b.deliver_at_ms,
         ack_level: ack_level as i32,
         delivered_timeout_ms: b.delivered_timeout_ms,
     };

@@ -16,8 +16,7 @@ use super::ReplyTo;
 use super::acked::{AckedOrigins, Origin};
 use crate::log::Offset;
 
-/// How many settled delivery ids are remembered for precise "expired"/"already settled"
-/// answers.
+/// Settled delivery ids remembered, for precise "expired"/"already settled" answers.
 const FINISHED_MEMORY: usize = 100_000;
 
 /// Re-linked attempt numbers kept per held delivery (see `Held::earlier`).
@@ -112,7 +111,7 @@ pub struct InboxState {
     finished_order: VecDeque<u64>,
     /// Acked (producer, offset) pairs, to answer repeats and `QueryDelivery`.
     acked_origins: AckedOrigins,
-    /// ExactlyOnce: message ids the app acked, with when.
+    /// ExactlyOnce: message ids the app acked, with when they are forgotten.
     acked_ids: HashMap<String, Instant>,
     pub exactly_once_window: Option<Duration>,
     /// Deliveries handed to the app since the last call of `take_handed`.
@@ -309,6 +308,11 @@ impl InboxState {
         }
     }
 
+    /// Remembers ids the app acked before a restart (ExactlyOnce), each until its instant.
+    pub fn seed_acked(&mut self, ids: Vec<(String, Instant)>) {
+        self.acked_ids.extend(ids);
+    }
+
     /// Deliveries handed out since the last call.
     pub fn take_handed(&mut self) -> u64 {
         std::mem::take(&mut self.handed)
@@ -368,14 +372,15 @@ impl InboxState {
         }
     }
 
-    /// Acks (`nack = None`) or nacks (`Some(delay)`) a delivery handed out.
+    /// Acks (`nack = None`) or nacks (`Some(delay)`) a delivery handed out. An ExactlyOnce
+    /// ack returns its message id: the caller persists it before sending the replies.
     pub fn settle(
         &mut self,
         seq: u64,
         nack: Option<u64>,
         now: Instant,
         out: &mut Vec<Reply>,
-    ) -> Result<(), Finish> {
+    ) -> Result<Option<String>, Finish> {
         if let Some(h) = self.held.get(&seq)
             && matches!(h.state, HeldState::Queued { .. })
         {
@@ -396,16 +401,17 @@ impl InboxState {
                             &h.message_id,
                             now,
                         );
-                        if self.exactly_once_window.is_some() {
-                            self.acked_ids.insert(h.message_id.clone(), now);
-                        }
                         self.reply(&h, Outcome::Acked, 0, "", out);
+                        if let Some(w) = self.exactly_once_window {
+                            self.acked_ids.insert(h.message_id.clone(), now + w);
+                            return Ok(Some(h.message_id));
+                        }
                     }
                     Some(delay) => {
                         self.reply(&h, Outcome::Nacked, delay, "nacked by the app", out);
                     }
                 }
-                Ok(())
+                Ok(None)
             }
             None => Err(self.finished.get(&seq).copied().unwrap_or(Finish::Returned)),
         }
@@ -469,9 +475,7 @@ impl InboxState {
             }
         }
         self.acked_origins.expire(now);
-        if let Some(w) = self.exactly_once_window {
-            self.acked_ids.retain(|_, at| now.duration_since(*at) < w);
-        }
+        self.acked_ids.retain(|_, until| now < *until);
     }
 
     /// Returns every held delivery to its producer (shutdown, subscription gone).

@@ -6,18 +6,22 @@
 //! - `ids.rs`: delivery ids.
 //! - `acked.rs`: acked (producer, offset) pairs remembered, so that a producer repeating a
 //!   delivery (after a restart or a lost ack) gets ACKED back, not a second copy to the app.
+//! - `acked_journal.rs`: ExactlyOnce acked ids on disk, fsynced before the upstream ack, so
+//!   that they survive `kill -9` of this sidecar.
 //!
 //! One lock per subscription, taken once per arriving batch and once per ack; settlements
 //! go back to producers through the channel of their current `Forward` stream (or a
 //! callback for in-process delivery), never while the lock is held.
 
 pub mod acked;
+pub mod acked_journal;
 pub mod ids;
 pub mod inbox;
 #[cfg(test)]
 mod namespace_tests;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -27,6 +31,7 @@ use ferry_api::proto::v1::{Deliver, Delivery, DeliveryState, Outcome, Settled};
 use ferry_api::routing::RoutingTable;
 use tokio::sync::{mpsc, watch};
 
+use self::acked_journal::AckedJournal;
 use self::ids::DeliveryIds;
 use self::inbox::{Arrival, InboxState, Reply};
 use crate::error::Error;
@@ -65,6 +70,9 @@ pub struct Inbox {
     pub subscription: Arc<str>,
     pub topic: String,
     state: Mutex<InboxState>,
+    /// ExactlyOnce with a data dir: the acked ids on disk. Its own lock, so that the fsync
+    /// of one ack does not hold up deliveries.
+    acked_journal: Mutex<Option<AckedJournal>>,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +91,8 @@ pub struct Consumer {
     routing: watch::Receiver<Arc<RoutingTable>>,
     metrics: Arc<Metrics>,
     next_session: AtomicU64,
+    /// Where ExactlyOnce acked ids are kept; `None` keeps them in memory only.
+    data_dir: Option<PathBuf>,
 }
 
 /// An app's consume session; closing it (or dropping it) returns what it holds.
@@ -105,8 +115,10 @@ impl Consumer {
         pod: String,
         routing: watch::Receiver<Arc<RoutingTable>>,
         metrics: Arc<Metrics>,
+        data_dir: Option<PathBuf>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            data_dir,
             pod,
             ids: DeliveryIds::new(),
             inboxes: RwLock::new(Inboxes::default()),
@@ -135,6 +147,7 @@ impl Consumer {
             .and_then(|i| i.by_name.get(subscription).cloned())
         {
             lock(&inbox.state).exactly_once_window = window;
+            self.open_acked_journal(&inbox, window);
             return Ok(inbox);
         }
         let mut all = self
@@ -153,10 +166,55 @@ impl Consumer {
             subscription: name.clone(),
             topic: resolved.subscription.topic.clone(),
             state: Mutex::new(state),
+            acked_journal: Mutex::new(None),
         });
         all.by_index.push(inbox.clone());
         all.by_name.insert(name, inbox.clone());
+        drop(all);
+        self.open_acked_journal(&inbox, window);
         Ok(inbox)
+    }
+
+    /// ExactlyOnce: opens the inbox's acked-id journal once and re-seeds the inbox from it.
+    fn open_acked_journal(&self, inbox: &Inbox, window: Option<Duration>) {
+        let (Some(window), Some(data_dir)) = (window, &self.data_dir) else {
+            return;
+        };
+        let mut journal = lock(&inbox.acked_journal);
+        if journal.is_some() {
+            return;
+        }
+        match AckedJournal::open(data_dir, &inbox.subscription, window) {
+            Ok((j, ids)) => {
+                lock(&inbox.state).seed_acked(ids);
+                *journal = Some(j);
+            }
+            Err(e) => tracing::error!(subscription = %inbox.subscription, error = %e,
+                "cannot open the ExactlyOnce acked-id journal; acked ids are kept in memory only"),
+        }
+    }
+
+    /// Makes an ExactlyOnce ack durable before it goes upstream. A failure is logged and
+    /// the ack still sent: the id stays remembered in memory, and only a restart of this
+    /// sidecar could then let a duplicate through.
+    fn persist_acked(&self, inbox: &Inbox, message_id: &str) {
+        let write = || {
+            let mut journal = lock(&inbox.acked_journal);
+            if let Some(j) = journal.as_mut()
+                && let Err(e) = j.record(message_id, Instant::now())
+            {
+                tracing::error!(subscription = %inbox.subscription, error = %e,
+                    "ExactlyOnce acked id not persisted; a restart could redeliver it");
+            }
+        };
+        // The fsync blocks: tell a multi-threaded runtime, so that it moves other tasks off
+        // this worker meanwhile (a current-thread runtime cannot, and just waits).
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(write);
+            }
+            _ => write(),
+        }
     }
 
     fn send(&self, replies: Vec<Reply>) {
@@ -343,7 +401,7 @@ impl Consumer {
         let result = {
             let mut state = lock(&inbox.state);
             match state.settle(r.seq, nack, Instant::now(), &mut replies) {
-                Ok(()) => Ok(()),
+                Ok(persist) => Ok(persist),
                 Err(_) => match state.finished(r.seq) {
                     Some(f) => Err(Error::ExpiredDelivery {
                         id: delivery_id.to_owned(),
@@ -353,8 +411,17 @@ impl Consumer {
                 },
             }
         };
+        if let Ok(Some(message_id)) = &result {
+            self.persist_acked(&inbox, message_id);
+            // Tests of RELIABILITY.md's ExactlyOnce row: die right here, after the ack is
+            // durable and before the producer hears of it.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("consumer::acked_persisted", |_| -> Result<(), Error> {
+                std::process::abort()
+            });
+        }
         self.send(replies);
-        result
+        result.map(|_| ())
     }
 
     /// Answers a producer's `QueryDelivery`.

@@ -4,7 +4,8 @@
 //! `log::fsync` and `log::rename`. The failpoint's argument, if any, is matched against the
 //! file's path, so a test can break only its own temporary directory while other tests run
 //! in parallel: `fail::cfg("log::fsync", "return(/tmp/.tmpAbC)")`. Without an argument
-//! every file fails. `sleep(ms)`/`delay(ms)` actions simulate a slow disk.
+//! every file fails. `sleep(ms)`/`delay(ms)` actions simulate a slow disk. Successful fsyncs
+//! are reported to the simulated power-loss disk (`powerloss.rs`, feature `powerloss`).
 
 use std::fs::File;
 use std::path::Path;
@@ -38,11 +39,14 @@ pub fn failpoint(_name: &str, _path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `fdatasync`, behind the `log::fsync` failpoint.
+/// `fdatasync`, behind the `log::fsync` failpoint; recorded by the simulated disk
+/// (`powerloss.rs`) when that feature is on.
 pub fn sync_data(file: &File, path: &Path) -> Result<(), LogError> {
     failpoint("log::fsync", path)
         .and_then(|()| file.sync_data())
-        .map_err(io_err("fsync", path))
+        .map_err(io_err("fsync", path))?;
+    super::powerloss::synced(path);
+    Ok(())
 }
 
 /// Makes file creations, renames and deletions in `dir` durable.

@@ -13,6 +13,7 @@
 //! - `settlement.rs`: per-subscription settlement state (cursor + out-of-order set).
 //! - `settlement_store.rs`: the settlement file that makes that state survive restarts.
 //! - `io.rs`: I/O error context, directory fsync and failpoints (feature `failpoints`).
+//! - `powerloss.rs`: a simulated disk that drops un-fsynced writes (feature `powerloss`).
 //!
 //! Offsets: every record gets a dense, increasing `Offset`. Three positions matter and are
 //! kept apart on purpose: `written` (appended, perhaps only in the page cache), `durable`
@@ -24,6 +25,7 @@ use std::ops::Range;
 mod disk;
 mod io;
 mod memory;
+pub mod powerloss;
 pub mod record;
 mod recovery;
 mod scan;

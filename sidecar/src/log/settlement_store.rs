@@ -199,6 +199,7 @@ impl SettlementStore {
             failpoint("log::rename", &tmp)
                 .and_then(|()| std::fs::rename(&tmp, &self.path))
                 .map_err(io_err("rename snapshot", &tmp))?;
+            super::powerloss::renamed(&tmp, &self.path);
             Ok(file)
         });
         let file = match result {
@@ -231,6 +232,7 @@ fn write_snapshot(tmp: &Path, buf: &[u8]) -> Result<File, LogError> {
     failpoint("log::fsync", tmp)
         .and_then(|()| file.sync_data())
         .map_err(io_err("fsync snapshot", tmp))?;
+    super::powerloss::synced(tmp);
     Ok(file)
 }
 

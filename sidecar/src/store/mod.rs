@@ -10,9 +10,11 @@
 //!
 //! - `thread.rs`: the loop on the store thread.
 //! - `dedup.rs`: the producer-side dedup window.
+//! - `dedup_journal.rs`: the file that makes the dedup window survive a restart.
 //! - `tail.rs`: the newest records kept in memory for dispatchers that keep up.
 
 pub mod dedup;
+pub mod dedup_journal;
 mod tail;
 #[cfg(test)]
 mod tests;
@@ -28,6 +30,7 @@ use ferry_api::routing::TopicEntry;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{oneshot, watch};
 
+use self::dedup::DedupWindow;
 use crate::error::Error;
 use crate::log::{
     DiskLog, DiskLogConfig, Log, MemoryLog, MemoryRetention, Offset, Settlement, StoredMessage,
@@ -142,6 +145,8 @@ impl TopicStore {
         options: &StoreOptions,
     ) -> Result<Arc<Self>, Error> {
         let topic = ferry_api::routing::object_ref(&entry.namespace, &entry.name);
+        let window = Duration::from_millis(entry.dedup_window_ms);
+        let mut dedup = DedupWindow::new(window);
         let log: Box<dyn Log> = match entry.durability {
             Durability::Memory => {
                 Box::new(MemoryLog::with_retention(MemoryRetention::DropOldest {
@@ -162,16 +167,31 @@ impl TopicStore {
                 let (log, report) =
                     DiskLog::open(&dir, config).map_err(|e| Error::from_log(&topic, e))?;
                 tracing::info!(topic = %topic, ?report, "opened topic log");
+                dedup = DedupWindow::open(window, &dir, &log).map_err(|e| Error::Io {
+                    what: format!("opening the dedup journal of {topic}"),
+                    source: std::io::Error::other(e),
+                })?;
                 Box::new(log)
             }
         };
-        Self::start(entry, log, options)
+        Self::start_with_dedup(entry, log, dedup, options)
     }
 
-    /// Starts a store thread around an already open log.
+    /// Starts a store thread around an already open log, with an in-memory dedup window.
     pub fn start(
         entry: &TopicEntry,
         log: Box<dyn Log>,
+        options: &StoreOptions,
+    ) -> Result<Arc<Self>, Error> {
+        let dedup = DedupWindow::new(Duration::from_millis(entry.dedup_window_ms));
+        Self::start_with_dedup(entry, log, dedup, options)
+    }
+
+    /// Starts a store thread around an already open log and its dedup window.
+    pub fn start_with_dedup(
+        entry: &TopicEntry,
+        log: Box<dyn Log>,
+        dedup: DedupWindow,
         options: &StoreOptions,
     ) -> Result<Arc<Self>, Error> {
         let topic = ferry_api::routing::object_ref(&entry.namespace, &entry.name);
@@ -179,7 +199,7 @@ impl TopicStore {
         let stats = Arc::new(StoreStats::default());
         let recovered = log.written();
         let (written_tx, written) = watch::channel(recovered);
-        let state = thread::StoreThread::new(entry, log, options, stats.clone(), written_tx);
+        let state = thread::StoreThread::new(entry, log, dedup, options, stats.clone(), written_tx);
         let handle = std::thread::Builder::new()
             .name(format!("store-{}", entry.name))
             .spawn(move || state.run(rx))

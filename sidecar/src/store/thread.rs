@@ -50,6 +50,7 @@ impl StoreThread {
     pub(super) fn new(
         entry: &TopicEntry,
         log: Box<dyn Log>,
+        dedup: DedupWindow,
         options: &StoreOptions,
         stats: Arc<StoreStats>,
         written_tx: watch::Sender<Offset>,
@@ -60,7 +61,7 @@ impl StoreThread {
             ordered: entry.ordering == Ordering::Key,
             max_backlog: entry.retention_max_bytes,
             sync_interval: options.async_sync_interval.max(Duration::from_millis(1)),
-            dedup: DedupWindow::new(Duration::from_millis(entry.dedup_window_ms)),
+            dedup,
             key_sequences: HashMap::new(),
             subscriptions: Vec::new(),
             delivered_waiters: HashMap::new(),
@@ -220,6 +221,8 @@ impl StoreThread {
         }
         if self.last_compact.elapsed() >= COMPACT_EVERY {
             self.last_compact = Instant::now();
+            // Before compaction may delete records: their ids must be durable first.
+            self.dedup.sync();
             if let Err(e) = self.log.compact() {
                 tracing::warn!(topic = %self.topic, error = %e, "compaction failed");
             }
@@ -355,6 +358,7 @@ impl StoreThread {
                 for (id, offset) in round_ids {
                     self.dedup.insert(id, offset, now);
                 }
+                self.dedup.flush();
                 self.key_sequences.extend(round_keys);
                 for (reply, outcomes, waiters) in accepted {
                     out.push((reply, Ok(outcomes), waiters));

@@ -14,7 +14,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ferry_api::crd::Ordering;
 use ferry_api::proto::v1::Deliver;
@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::store::TopicStore;
 
 mod events;
+mod expiry;
 mod send;
 mod timers;
 
@@ -49,11 +50,9 @@ const LOCAL_ADDR: &str = "in-process";
 /// Delay before retrying a failed dead-letter publish.
 const DLQ_RETRY: Duration = Duration::from_secs(1);
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+/// Wall time on the sidecar's monotonic-backed clock (`crate::clock`), never the raw
+/// host clock: ages and deadlines must not move when the host clock steps.
+pub(super) use crate::clock::now_ms;
 
 #[derive(Debug)]
 enum CopyState {
@@ -105,6 +104,7 @@ struct Counters {
     redelivered: prometheus_client::metrics::counter::Counter,
     dead_lettered: prometheus_client::metrics::counter::Counter,
     dropped: prometheus_client::metrics::counter::Counter,
+    expired: prometheus_client::metrics::counter::Counter,
     oldest: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
     latency: prometheus_client::metrics::histogram::Histogram,
 }
@@ -153,6 +153,9 @@ struct Dispatcher {
     rr: usize,
     settles: Vec<crate::store::SettleItem>,
     counters: Counters,
+    /// When the next expiry sweep is due, and when the last one ran (`expiry.rs`).
+    next_sweep: Option<Instant>,
+    last_sweep: Instant,
 }
 
 /// Runs the dispatcher of `setup.subscription` until `cancel`.
@@ -176,6 +179,7 @@ pub async fn run(
         redelivered: m.redelivered.get_or_create(&labels).clone(),
         dead_lettered: m.dead_lettered.get_or_create(&labels).clone(),
         dropped: m.dropped.get_or_create(&labels).clone(),
+        expired: m.expired.get_or_create(&labels).clone(),
         oldest: m.oldest_age_seconds.get_or_create(&labels).clone(),
         latency: m.publish_to_ack_seconds.get_or_create(&labels).clone(),
     };
@@ -217,6 +221,8 @@ pub async fn run(
         rr: 0,
         settles: Vec::new(),
         counters,
+        next_sweep: None,
+        last_sweep: Instant::now(),
     };
     d.apply_setup(setup);
     let mut written = d.store.watch_written();
@@ -331,7 +337,12 @@ impl Dispatcher {
         };
         self.read_next = self.read_next.max(batch.next);
         let now = Instant::now();
-        let wall = now_ms();
+        // Deadlines become instants through the process's clock anchor, which read the wall
+        // clock once at startup: for a message this process published, the instant is the
+        // same whenever it is computed, so wall-clock steps since cannot expire or release
+        // it early; a message recovered from the log is converted with the wall clock as
+        // read at this startup (see `crate::clock`).
+        let anchor = crate::clock::anchor();
         for (offset, message) in batch.records {
             if self.entries.contains_key(&offset) {
                 continue;
@@ -341,11 +352,8 @@ impl Dispatcher {
                     .push((self.sub.clone(), offset, Settlement::Acked));
                 continue;
             }
-            let since = |ms: u64| {
-                now + Duration::from_millis(
-                    ms.saturating_sub(wall.saturating_sub(message.publish_time_ms)),
-                )
-            };
+            let since =
+                |ms: u64| anchor.instant_of(message.publish_time_ms.saturating_add(ms), now);
             let not_before = (message.delay_ms > 0).then(|| since(message.delay_ms));
             let ttl = (message.ttl_ms > 0).then(|| (since(message.ttl_ms), "ttl expired"));
             let max_age = self.setup.topic.retention_max_age_ms;
@@ -354,6 +362,9 @@ impl Dispatcher {
                 (Some(t), Some(a)) => Some(if a.0 < t.0 { a } else { t }),
                 (t, a) => t.or(a),
             };
+            if let Some((at, _)) = expires {
+                self.schedule_sweep(at);
+            }
             if self.setup.topic.ordering == Ordering::Key
                 && let Some(k) = &message.key
             {

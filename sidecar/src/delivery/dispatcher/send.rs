@@ -21,16 +21,7 @@ impl Dispatcher {
         };
         if let Some((_, why)) = entry.expires.filter(|(t, _)| *t <= now) {
             self.entries.insert(offset, entry);
-            self.ready.remove(&offset);
-            let idle: Vec<usize> = match self.entries.get(&offset) {
-                Some(e) if !e.copies.is_empty() => (0..e.copies.len())
-                    .filter(|k| matches!(e.copies[*k].state, CopyState::Idle))
-                    .collect(),
-                _ => vec![0],
-            };
-            for k in idle {
-                self.give_up(offset, k, why.into());
-            }
+            self.expire(offset, why);
             return;
         }
         if let Some(t) = entry.not_before.filter(|t| *t > now) {

@@ -1,5 +1,5 @@
 //! A dispatcher's timers: delayed first deliveries, backoff before redelivery, dead-letter
-//! retries, and ack timeouts, which first ask the consumer's sidecar (`QueryDelivery`).
+//! retries, expiry sweeps (`expiry.rs`), and ack timeouts, which first ask the consumer's sidecar (`QueryDelivery`).
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -22,6 +22,10 @@ impl Dispatcher {
                 break;
             }
             self.timers.pop();
+            if offset == super::expiry::SWEEP {
+                self.sweep(at, now);
+                continue;
+            }
             let Some(e) = self.entries.get_mut(&offset) else {
                 continue;
             };
