@@ -18,9 +18,14 @@
 //! # }
 //! ```
 
+pub mod app_events;
+pub mod binaries;
 pub mod control_plane;
 pub mod crds;
+pub mod e2e;
+pub mod netns;
 pub mod tools;
+pub mod toxic_proxy;
 pub mod wait;
 
 pub use control_plane::ControlPlane;
