@@ -151,7 +151,11 @@ impl E2e {
             next_app: 0,
         };
         world.start_operator().await?;
-        println!("e2e world {}: files in {}", world.ns, world.dir.path().display());
+        println!(
+            "e2e world {}: files in {}",
+            world.ns,
+            world.dir.path().display()
+        );
         Ok(world)
     }
 
@@ -162,7 +166,12 @@ impl E2e {
             .args(["--etcd-endpoints", self.cp.etcd_endpoints()])
             .arg("--kubeconfig")
             .arg(self.cp.kubeconfig_path())
-            .args(["--lease-namespace", &self.ns, "--lease-name", "ferry-operator"])
+            .args([
+                "--lease-namespace",
+                &self.ns,
+                "--lease-name",
+                "ferry-operator",
+            ])
             .args(["--fence-key", &format!("/ferry/e2e/{}/leader", self.ns)])
             .args(["--watch-namespace", &self.ns])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
@@ -269,7 +278,10 @@ impl E2e {
 
     /// Starts the pod's sidecar (again, on the same data dir) and waits until it is ready.
     pub async fn start_sidecar(&mut self, name: &str) -> Result<()> {
-        let pod = self.pods.get(name).with_context(|| format!("no pod {name}"))?;
+        let pod = self
+            .pods
+            .get(name)
+            .with_context(|| format!("no pod {name}"))?;
         let etcd = self
             .etcd_forwarders
             .get(&pod.net.zone)
@@ -286,10 +298,16 @@ impl E2e {
             .env("FERRY_POD_NAME", name)
             .env("FERRY_NAMESPACE", &self.ns)
             .env("FERRY_ZONE", pod.net.zone.label())
-            .env("FERRY_NODE", format!("{}-{}", self.ns, pod.net.zone.label()))
+            .env(
+                "FERRY_NODE",
+                format!("{}-{}", self.ns, pod.net.zone.label()),
+            )
             .env("FERRY_DATA_DIR", &pod.data_dir)
             .env("FERRY_ETCD_ENDPOINTS", etcd)
-            .env("FERRY_ADVERTISE_ADDR", format!("{}:{PEER_PORT}", pod.net.ip))
+            .env(
+                "FERRY_ADVERTISE_ADDR",
+                format!("{}:{PEER_PORT}", pod.net.ip),
+            )
             .env("FERRY_SHUTDOWN_GRACE", "5s")
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
@@ -310,7 +328,10 @@ impl E2e {
 
     /// Kills the pod's sidecar (`SIGKILL`).
     pub async fn kill_sidecar(&mut self, name: &str) -> Result<()> {
-        let pod = self.pods.get_mut(name).with_context(|| format!("no pod {name}"))?;
+        let pod = self
+            .pods
+            .get_mut(name)
+            .with_context(|| format!("no pod {name}"))?;
         if let Some(mut child) = pod.sidecar.take() {
             child.start_kill().ok();
             child.wait().await?;
@@ -342,7 +363,12 @@ impl E2e {
         };
         self.api::<Pod>().delete(name, &grace).await?;
         wait_for_value(CONVERGE, || async {
-            Ok(self.api::<Pod>().get_opt(name).await?.is_none().then_some(()))
+            Ok(self
+                .api::<Pod>()
+                .get_opt(name)
+                .await?
+                .is_none()
+                .then_some(()))
         })
         .await
         .with_context(|| format!("pod {name} is gone"))?;
@@ -354,7 +380,9 @@ impl E2e {
     }
 
     pub fn pod(&self, name: &str) -> Result<&E2ePod> {
-        self.pods.get(name).with_context(|| format!("no pod {name}"))
+        self.pods
+            .get(name)
+            .with_context(|| format!("no pod {name}"))
     }
 
     /// Starts `ferry-e2e-app ARGS` in the pod's namespace, history in a new file.
@@ -387,7 +415,12 @@ impl E2e {
 
     /// A consumer app: `consume --subscription <ns>/<sub> --group <group>`, waited on
     /// until it is subscribed.
-    pub async fn consumer(&mut self, pod: &str, subscription: &str, group: &str) -> Result<AppProcess> {
+    pub async fn consumer(
+        &mut self,
+        pod: &str,
+        subscription: &str,
+        group: &str,
+    ) -> Result<AppProcess> {
         let sub = format!("{}/{subscription}", self.ns);
         let app = self
             .app(pod, &["consume", "--subscription", &sub, "--group", group])
@@ -408,7 +441,9 @@ impl E2e {
     ) -> Result<AppProcess> {
         let topic = format!("{}/{topic}", self.ns);
         let count = count.to_string();
-        let mut args = vec!["publish", "--topic", &topic, "--prefix", prefix, "--count", &count];
+        let mut args = vec![
+            "publish", "--topic", &topic, "--prefix", prefix, "--count", &count,
+        ];
         args.extend_from_slice(extra);
         let app = self.app(pod, &args).await?;
         app.wait_done().await?;
@@ -438,16 +473,25 @@ impl E2e {
 
     /// Waits until `check` holds for the current events.
     pub async fn wait_events(&self, what: &str, check: impl Fn(&[AppEvent]) -> bool) -> Result<()> {
-        wait_for_value(CONVERGE, || async { Ok(check(&self.events()?).then_some(())) })
-            .await
-            .with_context(|| what.to_owned())
+        wait_for_value(CONVERGE, || async {
+            Ok(check(&self.events()?).then_some(()))
+        })
+        .await
+        .with_context(|| what.to_owned())
     }
 
     /// The pod names of a group's members in the routing table.
     pub async fn members(&self, group: &str) -> Result<Vec<String>> {
         let prefix = format!("/ferry/v1/members/{}/{group}/", self.ns);
-        let out = self.cp.etcdctl(["get", "--prefix", "--keys-only", &prefix]).await?;
-        ensure!(out.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .cp
+            .etcdctl(["get", "--prefix", "--keys-only", &prefix])
+            .await?;
+        ensure!(
+            out.status.success(),
+            "etcdctl get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.strip_prefix(&prefix))
@@ -456,7 +500,12 @@ impl E2e {
     }
 
     /// Waits until a group's members are exactly `expected` (sorted pod names).
-    pub async fn wait_members(&self, group: &str, expected: &[&str], timeout: Duration) -> Result<()> {
+    pub async fn wait_members(
+        &self,
+        group: &str,
+        expected: &[&str],
+        timeout: Duration,
+    ) -> Result<()> {
         let mut want: Vec<String> = expected.iter().map(|s| (*s).to_owned()).collect();
         want.sort();
         wait_for_value(timeout, || async {
@@ -493,13 +542,18 @@ impl E2e {
             .to_owned();
         Ok(self
             .api::<K>()
-            .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&object))
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&object),
+            )
             .await?)
     }
 
     /// A sidecar's log so far.
     pub fn sidecar_log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("sidecar-{name}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("sidecar-{name}.log")))
+            .unwrap_or_default()
     }
 
     pub fn path(&self) -> &Path {
@@ -533,7 +587,11 @@ impl Drop for E2e {
         // A failed test keeps its logs and histories for the post-mortem.
         if std::thread::panicking() || std::env::var_os("FERRY_E2E_KEEP").is_some() {
             self.dir.disable_cleanup(true);
-            eprintln!("e2e world {}: files kept in {}", self.ns, self.dir.path().display());
+            eprintln!(
+                "e2e world {}: files kept in {}",
+                self.ns,
+                self.dir.path().display()
+            );
         }
     }
 }
@@ -552,9 +610,10 @@ fn free_port() -> Result<u16> {
 
 /// `GET path` over plain HTTP/1.1: (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .context("connect timed out")??;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+            .await
+            .context("connect timed out")??;
     let request = format!("GET {path} HTTP/1.1\r\nHost: e2e\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();

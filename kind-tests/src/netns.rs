@@ -178,7 +178,15 @@ impl Fabric {
     pub fn command(&self, pod: &NetPod, program: &std::path::Path) -> tokio::process::Command {
         let mut command = tokio::process::Command::new("ip");
         command
-            .args(["netns", "exec", &pod.netns, "setpriv", "--pdeathsig", "KILL", "--"])
+            .args([
+                "netns",
+                "exec",
+                &pod.netns,
+                "setpriv",
+                "--pdeathsig",
+                "KILL",
+                "--",
+            ])
             .arg(program)
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -240,7 +248,12 @@ impl Fabric {
 
     /// Sends `from`'s new connections to `to`'s peer port through `via` (a proxy on the
     /// host, e.g. a delay proxy that forwards to `to`): an iptables DNAT in `from`.
-    pub fn redirect_peer(&self, from: &NetPod, to: Ipv4Addr, via: std::net::SocketAddr) -> Result<()> {
+    pub fn redirect_peer(
+        &self,
+        from: &NetPod,
+        to: Ipv4Addr,
+        via: std::net::SocketAddr,
+    ) -> Result<()> {
         let (dst, port, target) = (to.to_string(), PEER_PORT.to_string(), via.to_string());
         #[rustfmt::skip]
         let args = [

@@ -24,7 +24,10 @@ use tokio::time::{Instant, sleep};
 const PATIENCE: Duration = Duration::from_secs(120);
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry-e2e-app", about = "Publishes or consumes through a pod's sidecar, recording a JSON-lines history")]
+#[command(
+    name = "ferry-e2e-app",
+    about = "Publishes or consumes through a pod's sidecar, recording a JSON-lines history"
+)]
 struct Cli {
     /// The sidecar's app gRPC endpoint (the pod's loopback).
     #[arg(long, default_value = "127.0.0.1:7700")]
