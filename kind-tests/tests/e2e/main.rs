@@ -15,4 +15,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod examples;
+mod zones;
 mod support;

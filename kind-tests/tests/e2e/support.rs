@@ -95,3 +95,42 @@ pub fn delivered_to_group(events: &[AppEvent], group: &str) -> std::collections:
         })
         .collect()
 }
+
+/// The YAML of a Topic, with `spec` given as JSON.
+pub fn topic_yaml(name: &str, spec: serde_json::Value) -> String {
+    object_yaml("Topic", name, spec)
+}
+
+/// The YAML of a Unicast ConsumerGroup of pods labelled `app: <app>`.
+pub fn group_yaml(name: &str, app: &str, zone_policy: &str) -> String {
+    object_yaml(
+        "ConsumerGroup",
+        name,
+        serde_json::json!({
+            "selector": {"matchLabels": {"app": app}},
+            "delivery": "Unicast",
+            "zonePolicy": zone_policy,
+        }),
+    )
+}
+
+/// The YAML of a Subscription `<group>-<topic>` with `ackWait` of 5 s (so that
+/// redeliveries come soon enough for a short test).
+pub fn subscription_yaml(topic: &str, group: &str) -> String {
+    object_yaml(
+        "Subscription",
+        &format!("{group}-{topic}"),
+        serde_json::json!({"topic": topic, "group": group, "ackWait": "5s"}),
+    )
+}
+
+fn object_yaml(kind: &str, name: &str, spec: serde_json::Value) -> String {
+    // JSON is YAML.
+    let object = serde_json::json!({
+        "apiVersion": "ferry.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    format!("---\n{object}\n")
+}
