@@ -355,8 +355,9 @@ impl E2e {
         Ok(())
     }
 
-    /// Deletes the pod for good: its Pod object (grace 0), its sidecar and its namespace.
-    pub async fn delete_pod(&mut self, name: &str) -> Result<()> {
+    /// Deletes the pod's Pod object (grace 0) and waits until it is gone; its sidecar and
+    /// namespace stay until [`E2e::destroy_pod`].
+    pub async fn delete_pod_object(&self, name: &str) -> Result<()> {
         let grace = DeleteParams {
             grace_period_seconds: Some(0),
             ..DeleteParams::default()
@@ -371,12 +372,34 @@ impl E2e {
                 .then_some(()))
         })
         .await
-        .with_context(|| format!("pod {name} is gone"))?;
+        .with_context(|| format!("pod {name} is gone"))
+    }
+
+    /// Kills the pod's sidecar and deletes its network namespace (what is left of a pod
+    /// after [`E2e::delete_pod_object`]); the name can then be used again.
+    pub async fn destroy_pod(&mut self, name: &str) -> Result<()> {
         self.kill_sidecar(name).await?;
         if let Some(pod) = self.pods.remove(name) {
             self.fabric.remove_pod(&pod.net)?;
         }
         Ok(())
+    }
+
+    /// The member entry of `pod` in `group` (JSON), if any.
+    pub async fn member(&self, group: &str, pod: &str) -> Result<Option<serde_json::Value>> {
+        let key = format!("/ferry/v1/members/{}/{group}/{pod}", self.ns);
+        let out = self.cp.etcdctl(["get", "--print-value-only", &key]).await?;
+        ensure!(
+            out.status.success(),
+            "etcdctl get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_str(text)?))
     }
 
     pub fn pod(&self, name: &str) -> Result<&E2ePod> {

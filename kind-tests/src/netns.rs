@@ -83,6 +83,8 @@ pub struct Fabric {
     bridge: String,
     pods: Mutex<Vec<NetPod>>,
     next_host: Mutex<[u8; 2]>,
+    /// Index of the next veth (never reused, so a recreated pod gets a fresh link name).
+    next_link: AtomicU8,
 }
 
 impl Fabric {
@@ -103,6 +105,7 @@ impl Fabric {
             bridge: bridge.clone(),
             pods: Mutex::new(Vec::new()),
             next_host: Mutex::new([10, 10]),
+            next_link: AtomicU8::new(0),
         };
         run("ip", &["link", "add", &bridge, "type", "bridge"])?;
         for zone in [Zone::A, Zone::B] {
@@ -138,7 +141,7 @@ impl Fabric {
             *slot - 1
         };
         let ip = Ipv4Addr::new(10, self.second_octet, self.third_octet(zone), host);
-        let index = lock(&self.pods).len();
+        let index = self.next_link.fetch_add(1, Ordering::Relaxed);
         let netns = format!("{NETNS_PREFIX}{}-{}-{name}", self.pid, self.number);
         let host_link = format!("{LINK_PREFIX}{:x}v{:x}i{index:x}", self.pid, self.number);
         let pod = NetPod {

@@ -81,6 +81,10 @@ enum Command {
         nack: bool,
         #[arg(long, default_value_t = 16)]
         credit: u32,
+        /// Ack only this many deliveries, then keep receiving without settling (an app
+        /// that hangs with messages in flight).
+        #[arg(long)]
+        stop_acking_after: Option<u64>,
     },
 }
 
@@ -155,12 +159,22 @@ async fn main() -> Result<()> {
             group,
             nack,
             credit,
+            stop_acking_after,
         } => loop {
             let mut consumer = subscribe(&mut app, &subscription, credit).await?;
             out.write(&AppEvent::Subscribed {
                 subscription: subscription.clone(),
             })?;
-            if let Err(error) = consume(&mut consumer, &mut out, &group, &cli.pod, nack).await {
+            if let Err(error) = consume(
+                &mut consumer,
+                &mut out,
+                &group,
+                &cli.pod,
+                nack,
+                stop_acking_after,
+            )
+            .await
+            {
                 eprintln!("consume stream ended ({error:#}); subscribing again");
                 sleep(Duration::from_millis(200)).await;
                 app = connect(&cli.sidecar).await?;
@@ -206,7 +220,9 @@ async fn consume(
     group: &str,
     member: &str,
     nack: bool,
+    stop_acking_after: Option<u64>,
 ) -> Result<()> {
+    let mut settled = 0u64;
     loop {
         match consumer.next(Duration::from_secs(1)).await? {
             Some(Event::Delivery(d)) => {
@@ -222,10 +238,14 @@ async fn consume(
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect::<BTreeMap<_, _>>(),
                 })?;
-                if nack {
+                if stop_acking_after.is_some_and(|n| settled >= n) {
+                    // Hung: received, never settled; the credit is not refilled either.
+                } else if nack {
+                    settled += 1;
                     consumer.nack(&d.delivery_id, 0)?;
                     consumer.credit(1)?;
                 } else {
+                    settled += 1;
                     consumer.ack_and_refill(&d.delivery_id)?;
                     out.write(&AppEvent::ConsumerAcked {
                         group: group.to_owned(),

@@ -14,6 +14,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod churn;
 mod examples;
-mod zones;
 mod support;
+mod zones;

@@ -53,7 +53,8 @@ async fn same_zone_members_gone() -> Result<()> {
     for pod in ["prefer-zone-a", "only-zone-a"] {
         w.set_ready(pod, false).await?;
     }
-    w.wait_members("prefer", &["prefer-zone-b"], CONVERGE).await?;
+    w.wait_members("prefer", &["prefer-zone-b"], CONVERGE)
+        .await?;
     w.wait_members("only", &["only-zone-b"], CONVERGE).await?;
     w.publish("producer", "events", "gone", 10, &[]).await?;
     w.wait_events("prefer fails over to zone-b, any is unaffected", |e| {
@@ -64,7 +65,9 @@ async fn same_zone_members_gone() -> Result<()> {
     let gone = |ids: Vec<String>| ids.iter().filter(|id| id.starts_with("gone-")).count();
     let failed_over = gone(delivered(&events, "prefer", "prefer-zone-b"));
     let crossed = gone(delivered(&events, "only", "only-zone-b"));
-    println!("row12: while zone-a was gone: prefer-zone-b got {failed_over}, only-zone-b got {crossed}");
+    println!(
+        "row12: while zone-a was gone: prefer-zone-b got {failed_over}, only-zone-b got {crossed}"
+    );
     ensure!(failed_over == 10, "PreferSameZone fails over cross-zone");
     ensure!(crossed == 0, "SameZoneOnly never crosses a zone");
 
