@@ -16,5 +16,6 @@
 
 mod churn;
 mod examples;
+mod partition;
 mod support;
 mod zones;
