@@ -25,6 +25,10 @@ use tokio::time::Instant;
 pub struct Toxics {
     delay_ms: AtomicU64,
     jitter_ms: AtomicU64,
+    /// Connections accepted so far (a test checks that traffic really went through).
+    connections: AtomicU64,
+    /// Bytes forwarded so far, both directions.
+    bytes: AtomicU64,
 }
 
 impl Toxics {
@@ -33,6 +37,16 @@ impl Toxics {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         self.jitter_ms.store(ms(jitter), Ordering::Relaxed);
         self.delay_ms.store(ms(delay), Ordering::Relaxed);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Bytes forwarded so far, both directions.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// The delay of the next chunk.
@@ -70,6 +84,7 @@ impl ToxicProxy {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((inbound, _)) = listener.accept().await {
                 let toxics = shared.clone();
+                toxics.connections.fetch_add(1, Ordering::Relaxed);
                 connections.spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
@@ -117,6 +132,7 @@ async fn pipe(
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    toxics.bytes.fetch_add(n as u64, Ordering::Relaxed);
                     let release = (Instant::now() + toxics.sample()).max(last);
                     last = release;
                     if tx.send((release, buf[..n].to_vec())).is_err() {

@@ -16,6 +16,7 @@
 
 mod churn;
 mod examples;
+mod flaky;
 mod partition;
 mod support;
 mod zones;
