@@ -29,6 +29,9 @@ use crate::{CRDS_DIR, ControlPlane, wait_for_value};
 
 /// Deadline of waits for the operator and the sidecars to converge.
 pub const CONVERGE: Duration = Duration::from_secs(60);
+/// A kubeconfig naming a remote cluster to test against; the suite refuses it (see
+/// [`E2e::new`]) rather than silently testing something else.
+pub const REMOTE_KUBECONFIG_ENV: &str = "FERRY_E2E_KUBECONFIG";
 /// Field manager of what the suite applies.
 const MANAGER: &str = "ferry-e2e";
 
@@ -107,6 +110,15 @@ impl E2e {
     /// namespace `e2e-<name>-<random>`, the fabric, a Node per zone, and starts the
     /// operator (watching that namespace only, with its own Lease and fencing key).
     pub async fn new(name: &str) -> Result<Self> {
+        if let Some(kubeconfig) = std::env::var_os(REMOTE_KUBECONFIG_ENV) {
+            bail!(
+                "{REMOTE_KUBECONFIG_ENV}={} is set, but this suite runs its pods as network \
+                 namespaces beside the local control plane it starts, and cannot drive a \
+                 remote cluster; for a kind cluster use kind-tests/kind/run.sh (see \
+                 kind-tests/README.md), or unset it",
+                kubeconfig.to_string_lossy()
+            );
+        }
         let bins = tokio::task::spawn_blocking(binaries).await??;
         let fabric = Fabric::new()?;
         let cp = ControlPlane::shared().await?;
