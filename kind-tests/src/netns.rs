@@ -240,6 +240,29 @@ impl Fabric {
         Ok(())
     }
 
+    /// Packets dropped so far by the rules of [`Fabric::add_peer_loss`], over all pods
+    /// (the iptables counters), so a test can tell the loss really happened.
+    pub fn peer_loss_drops(&self) -> Result<u64> {
+        let mut drops = 0;
+        for pod in lock(&self.pods).clone() {
+            for chain in ["INPUT", "OUTPUT"] {
+                let out = Command::new("ip")
+                    .args([
+                        "netns", "exec", &pod.netns, "iptables", "-L", chain, "-v", "-n", "-x",
+                    ])
+                    .output()
+                    .context("running iptables -L")?;
+                ensure!(out.status.success(), "iptables -L {chain} in {}", pod.netns);
+                drops += String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.contains("DROP") && l.contains("statistic"))
+                    .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+        Ok(drops)
+    }
+
     /// Removes the loss of [`Fabric::add_peer_loss`].
     pub fn clear_peer_loss(&self) -> Result<()> {
         for pod in lock(&self.pods).clone() {

@@ -205,6 +205,7 @@ impl E2e {
         Api::namespaced(self.client.clone(), &self.ns)
     }
 
+    /// The world's folder: logs, sidecar data, app histories.
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -222,9 +223,9 @@ impl std::fmt::Debug for E2e {
 
 impl Drop for E2e {
     fn drop(&mut self) {
-        // Sidecars and the operator are killed on drop (`kill_on_drop`); the fabric then
-        // deletes the namespaces. Nodes are cluster-scoped: delete them in the background
-        // of the shared control plane, best effort.
+        // Kill the processes first (apps die with `kill_on_drop`), then the fields drop:
+        // the fabric deletes the network namespaces and the bridge. The namespace and the
+        // Nodes stay in the shared control plane, which goes away with the test process.
         if let Some(mut operator) = self.operator.take() {
             let _ = operator.start_kill();
         }

@@ -83,6 +83,9 @@ async fn flaky_peer_network() -> Result<()> {
         connections > 0 && bytes > 0,
         "peer traffic goes through the proxies"
     );
+    let drops = w.fabric.peer_loss_drops()?;
+    println!("row13: iptables dropped {drops} peer packets");
+    ensure!(drops > 0, "the random loss dropped peer packets");
     w.fabric.clear_peer_loss()?;
     for proxy in &proxies {
         proxy.toxics.set(Duration::ZERO, Duration::ZERO);
