@@ -6,6 +6,11 @@
 //! controller-manager: tests create Nodes and Pods and set pod status themselves, as a
 //! kubelet would.
 //!
+//! The end-to-end suite (`tests/e2e/`) builds on it: [`e2e::E2e`] is one test's world (a
+//! `ferry-operator` process, pods as network namespaces of a [`netns::Fabric`] with
+//! `ferry-sidecar` processes and `ferry-e2e-app` apps in them), [`toxic_proxy`] delays peer
+//! links, and [`app_events`] is the apps' history format.
+//!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use ferry_kind_tests::{ControlPlane, CRDS_DIR};
