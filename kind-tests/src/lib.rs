@@ -6,6 +6,11 @@
 //! controller-manager: tests create Nodes and Pods and set pod status themselves, as a
 //! kubelet would.
 //!
+//! The end-to-end suite (`tests/e2e/`) builds on it: [`e2e::E2e`] is one test's world (a
+//! `ferry-operator` process, pods as network namespaces of a [`netns::Fabric`] with
+//! `ferry-sidecar` processes and `ferry-e2e-app` apps in them), [`toxic_proxy`] delays peer
+//! links, and [`app_events`] is the apps' history format.
+//!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use ferry_kind_tests::{ControlPlane, CRDS_DIR};
@@ -18,9 +23,14 @@
 //! # }
 //! ```
 
+pub mod app_events;
+pub mod binaries;
 pub mod control_plane;
 pub mod crds;
+pub mod e2e;
+pub mod netns;
 pub mod tools;
+pub mod toxic_proxy;
 pub mod wait;
 
 pub use control_plane::ControlPlane;
