@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ferry_api::crd::Durability;
 use ferry_api::proto::v1::{AckLevel, PublishRequest, PublishResponse};
 use ferry_api::routing::RoutingTable;
 use tokio::sync::{oneshot, watch};
@@ -19,6 +20,8 @@ use crate::error::Error;
 use crate::log::StoredMessage;
 use crate::metrics::Metrics;
 use crate::peer::PeerPool;
+use crate::replica::holder::ReplicaLogs;
+use crate::replica::replicator::Replicator;
 use crate::routing::{may_publish, qualify};
 use crate::store::{AppendItem, AppendOutcome, StoreOptions, TopicStore};
 
@@ -57,6 +60,10 @@ pub struct Engine {
     pub consumer: Arc<Consumer>,
     pub peers: Arc<PeerPool>,
     pub delivery: DeliveryManager,
+    /// Copies this sidecar holds for other producers' `Replicated` topics.
+    pub replicas: Arc<ReplicaLogs>,
+    /// This sidecar's side of its own `Replicated` topics.
+    pub replicator: Arc<Replicator>,
     stores: RwLock<HashMap<String, Arc<TopicStore>>>,
     opening: tokio::sync::Mutex<()>,
     draining: AtomicBool,
@@ -99,8 +106,12 @@ impl Engine {
             producer_id: config.producer_id().into(),
             advertise,
         };
+        let replicas = Arc::new(ReplicaLogs::new(config.data_dir.join("replicas")));
+        replicas.open_existing();
         Arc::new(Self {
             consumer: Consumer::new(config.pod_name.clone(), routing.clone(), metrics.clone()),
+            replicas,
+            replicator: Arc::new(Replicator::new()),
             identity,
             config,
             routing,
@@ -151,6 +162,7 @@ impl Engine {
                 .fsyncs
                 .get_or_create(&Metrics::topic(topic))
                 .clone(),
+            settled_ids: Some(self.replicator.settled_sender()),
         };
         let store =
             tokio::task::spawn_blocking(move || TopicStore::open(&entry, &data_dir, &options))
@@ -300,6 +312,11 @@ impl Engine {
             };
             let mut meta = Vec::with_capacity(items.len());
             let mut append = Vec::with_capacity(items.len());
+            let replicated = table
+                .topics
+                .get(&topic)
+                .filter(|t| t.durability == Durability::Replicated && t.replicas > 1)
+                .map(|t| (t.clone(), items.iter().map(|p| p.item.message.clone()).collect()));
             for p in items {
                 meta.push((
                     p.index,
@@ -311,7 +328,7 @@ impl Engine {
                 append.push(p.item);
             }
             match store.append(append) {
-                Ok(reply) => waits.push((topic, reply, meta)),
+                Ok(reply) => waits.push((topic, reply, meta, replicated)),
                 Err(e) => {
                     let msg = e.to_string();
                     for (i, ..) in meta {
@@ -320,9 +337,18 @@ impl Engine {
                 }
             }
         }
-        for (topic, reply, meta) in waits {
+        for (topic, reply, meta, replicated) in waits {
             let all_none = meta.iter().all(|m| m.2 == AckLevel::None);
             if all_none {
+                if let Some((entry, copies)) = replicated {
+                    let engine = self.clone();
+                    tokio::spawn(async move {
+                        let copies: Vec<StoredMessage> = copies;
+                        if let Err(e) = engine.replicator.replicate(&engine, &entry, &copies).await {
+                            tracing::warn!(error = %e, "copies of unacknowledged publishes not made");
+                        }
+                    });
+                }
                 for (i, id, ..) in meta {
                     results[i] = Some(Ok(PublishResponse {
                         message_id: id,
@@ -332,9 +358,23 @@ impl Engine {
                 }
                 continue;
             }
-            let outcome = reply
-                .await
-                .unwrap_or_else(|_| Err(Error::Internal(format!("store of {topic} stopped"))));
+            let stored = async {
+                reply
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Internal(format!("store of {topic} stopped"))))
+            };
+            let copied = async {
+                match &replicated {
+                    Some((entry, copies)) => self.replicator.replicate(self, entry, copies).await,
+                    None => Ok(()),
+                }
+            };
+            // Local fsync and the replicas' fsyncs run at the same time.
+            let (outcome, copied) = tokio::join!(stored, copied);
+            let outcome = match (outcome, copied) {
+                (Ok(_), Err(e)) => Err(e),
+                (o, _) => o,
+            };
             match outcome {
                 Ok(outcomes) => {
                     let stored = outcomes

@@ -22,6 +22,7 @@ pub mod error;
 pub mod log;
 pub mod metrics;
 pub mod peer;
+pub mod replica;
 pub mod routing;
 pub mod runtime;
 pub mod shutdown;

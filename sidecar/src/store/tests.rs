@@ -18,6 +18,7 @@ fn entry(durability: Durability) -> TopicEntry {
 
 fn opts() -> StoreOptions {
     StoreOptions {
+        settled_ids: None,
         async_sync_interval: Duration::from_millis(5),
         fsyncs: Default::default(),
     }
