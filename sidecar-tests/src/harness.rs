@@ -126,6 +126,36 @@ impl TestMesh {
         Ok(self.mesh.endpoints(pod)?.app_grpc.to_string())
     }
 
+    /// Removes `pod`'s member records from the routing table and writes the routing file
+    /// with the next revision (atomically), as the operator does when a pod is deleted. The
+    /// sidecars pick it up on their next poll of the file.
+    pub fn remove_member(&mut self, pod: &str) -> Result<()> {
+        let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
+        let table = &mut self.mesh.table;
+        for members in table.members.values_mut() {
+            members.retain(|_, m| !(m.namespace == namespace && m.pod == name));
+        }
+        table.members.retain(|_, m| !m.is_empty());
+        table.revision += 1;
+        let path = self.mesh.routing_file().to_owned();
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.mesh.table)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Every output line of a pod's running sidecar that contains `needle`.
+    pub fn log_lines(&self, pod: &str, needle: &str) -> Result<Vec<String>> {
+        Ok(self
+            .mesh
+            .process(pod)?
+            .output
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect())
+    }
+
     /// A gRPC client of a pod's sidecar.
     pub async fn app(&self, pod: &str) -> Result<App> {
         Ok(client::connect(&self.app_addr(pod)?).await?)

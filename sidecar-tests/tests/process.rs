@@ -10,8 +10,10 @@ mod process {
     pub mod delivery_counts;
     pub mod dev_cli;
     pub mod grpcurl;
+    pub mod handoff;
     pub mod kill9;
     pub mod load_baseline;
+    pub mod replicated;
     pub mod sigterm;
     pub mod torn_tail;
     pub mod zones;

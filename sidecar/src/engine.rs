@@ -316,7 +316,12 @@ impl Engine {
                 .topics
                 .get(&topic)
                 .filter(|t| t.durability == Durability::Replicated && t.replicas > 1)
-                .map(|t| (t.clone(), items.iter().map(|p| p.item.message.clone()).collect()));
+                .map(|t| {
+                    (
+                        t.clone(),
+                        items.iter().map(|p| p.item.message.clone()).collect(),
+                    )
+                });
             for p in items {
                 meta.push((
                     p.index,
@@ -344,7 +349,8 @@ impl Engine {
                     let engine = self.clone();
                     tokio::spawn(async move {
                         let copies: Vec<StoredMessage> = copies;
-                        if let Err(e) = engine.replicator.replicate(&engine, &entry, &copies).await {
+                        if let Err(e) = engine.replicator.replicate(&engine, &entry, &copies).await
+                        {
                             tracing::warn!(error = %e, "copies of unacknowledged publishes not made");
                         }
                     });

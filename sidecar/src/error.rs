@@ -38,7 +38,9 @@ pub enum Error {
     /// A `Replicated` publish whose copies could not all be made durable: the message is
     /// stored here and may still be delivered, but the durability the topic asks for was
     /// not met, so it is not acked (as Kafka's `NOT_ENOUGH_REPLICAS` with acks=all).
-    #[error("topic {topic:?} needs {needed} replica(s) besides this sidecar; {reached} answered ({detail})")]
+    #[error(
+        "topic {topic:?} needs {needed} replica(s) besides this sidecar; {reached} answered ({detail})"
+    )]
     ReplicasUnavailable {
         topic: String,
         needed: usize,
@@ -116,7 +118,9 @@ impl Error {
             Error::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::BadRequest(_) | Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Error::BacklogFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::ShuttingDown(_) | Error::ReplicasUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ShuttingDown(_) | Error::ReplicasUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => match self.code() {
                 Code::NotFound => StatusCode::NOT_FOUND,
                 Code::InvalidArgument => StatusCode::BAD_REQUEST,

@@ -65,7 +65,10 @@ async fn hand_off_topic(engine: &Arc<Engine>, store: &Arc<TopicStore>, deadline:
         };
         let settle = chunk
             .iter()
-            .flat_map(|(o, _)| subs.iter().map(move |s| (s.clone(), *o, Settlement::Dropped)))
+            .flat_map(|(o, _)| {
+                subs.iter()
+                    .map(move |s| (s.clone(), *o, Settlement::Dropped))
+            })
             .collect::<Vec<(Arc<str>, Offset, Settlement)>>();
         store.settle(settle);
         if store.durability == Durability::Replicated {

@@ -91,8 +91,8 @@ impl ReplicaLogs {
         if !create && !dir.is_dir() {
             return Ok(None);
         }
-        let (mut log, _report) = DiskLog::open(&dir, DiskLogConfig::default())
-            .map_err(|e| Error::from_log(topic, e))?;
+        let (mut log, _report) =
+            DiskLog::open(&dir, DiskLogConfig::default()).map_err(|e| Error::from_log(topic, e))?;
         log.set_subscriptions(&[CUSTODY_SUB.to_owned()])
             .map_err(|e| Error::from_log(topic, e))?;
         let mut by_id: HashMap<String, Vec<Offset>> = HashMap::new();
@@ -227,7 +227,10 @@ impl ReplicaLogs {
             if bytes >= max_bytes {
                 return Ok((out, next, true));
             }
-            let batch = c.log.read(next, 256).map_err(|e| Error::from_log(topic, e))?;
+            let batch = c
+                .log
+                .read(next, 256)
+                .map_err(|e| Error::from_log(topic, e))?;
             let Some((last, _)) = batch.last() else {
                 break;
             };

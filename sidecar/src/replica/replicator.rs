@@ -156,7 +156,9 @@ impl Replicator {
                 match r {
                     Ok(()) => reached += 1,
                     Err(e) => {
-                        with(&self.suspect, |s| s.insert(c.address.clone(), Instant::now()));
+                        with(&self.suspect, |s| {
+                            s.insert(c.address.clone(), Instant::now())
+                        });
                         errors.push(format!("{}: {e}", c.id));
                     }
                 }
@@ -189,7 +191,9 @@ impl Replicator {
         chunks: &[Vec<PeerMessage>],
     ) -> Result<(), String> {
         with(&self.holders, |h| {
-            h.entry(topic.to_owned()).or_default().insert(addr.to_owned())
+            h.entry(topic.to_owned())
+                .or_default()
+                .insert(addr.to_owned())
         });
         for copies in chunks {
             let trims = self.take_pending(addr, topic);
@@ -250,10 +254,8 @@ impl Replicator {
             .topics
             .get(topic)
             .map_or(1, |t| t.replicas as usize);
-        let mut targets: BTreeSet<String> = with(&self.holders, |h| {
-            h.get(topic).cloned().unwrap_or_default()
-        })
-        .unwrap_or_default();
+        let mut targets: BTreeSet<String> =
+            with(&self.holders, |h| h.get(topic).cloned().unwrap_or_default()).unwrap_or_default();
         targets.extend(
             Self::candidates(engine)
                 .into_iter()
@@ -267,11 +269,10 @@ impl Replicator {
 
     /// Sends every queued trim now; those a replica does not take stay queued.
     pub async fn flush_trims(&self, engine: &Engine) {
-        let pending: Vec<((String, String), Vec<String>)> =
-            with(&self.pending, std::mem::take)
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
+        let pending: Vec<((String, String), Vec<String>)> = with(&self.pending, std::mem::take)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let sends = pending.into_iter().map(|((addr, topic), ids)| async move {
             let request = ReplicateRequest {
                 producer: engine.identity.producer_id.to_string(),
@@ -358,11 +359,12 @@ impl Replicator {
                     exclude_incarnation: self.incarnation,
                     from,
                 };
-                let page = match tokio::time::timeout(REPLICATE_TIMEOUT, client.held(request))
-                    .await
+                let page = match tokio::time::timeout(REPLICATE_TIMEOUT, client.held(request)).await
                 {
                     Ok(Ok(r)) => r.into_inner(),
-                    Ok(Err(status)) => return Err(format!("{}: {}", status.code(), status.message())),
+                    Ok(Err(status)) => {
+                        return Err(format!("{}: {}", status.code(), status.message()));
+                    }
                     Err(_) => return Err(format!("no answer within {REPLICATE_TIMEOUT:?}")),
                 };
                 copies.extend(page.copies.into_iter().map(from_wire));
@@ -375,7 +377,9 @@ impl Replicator {
                 continue;
             }
             with(&self.holders, |h| {
-                h.entry(topic.clone()).or_default().insert(c.address.clone())
+                h.entry(topic.clone())
+                    .or_default()
+                    .insert(c.address.clone())
             });
             let store = engine.store(topic).await.map_err(|e| e.to_string())?;
             let mut seen = HashSet::new();

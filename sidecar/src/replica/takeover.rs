@@ -90,10 +90,9 @@ async fn take_over(engine: &Arc<Engine>, h: &HeldSummary, reason: &str) {
     loop {
         let replicas = engine.replicas.clone();
         let (producer, topic) = (h.producer.clone(), h.topic.clone());
-        let page = tokio::task::spawn_blocking(move || {
-            replicas.held(&producer, &topic, 0, 0, STEP_BYTES)
-        })
-        .await;
+        let page =
+            tokio::task::spawn_blocking(move || replicas.held(&producer, &topic, 0, 0, STEP_BYTES))
+                .await;
         let (copies, _, more) = match page {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
@@ -116,10 +115,9 @@ async fn take_over(engine: &Arc<Engine>, h: &HeldSummary, reason: &str) {
         }
         let replicas = engine.replicas.clone();
         let (producer, topic) = (h.producer.clone(), h.topic.clone());
-        let released = tokio::task::spawn_blocking(move || {
-            replicas.release(&producer, &topic, &offsets)
-        })
-        .await;
+        let released =
+            tokio::task::spawn_blocking(move || replicas.release(&producer, &topic, &offsets))
+                .await;
         if !matches!(released, Ok(Ok(()))) {
             tracing::error!(producer = %h.producer, topic = %h.topic, "copies taken over but not released; they may be delivered twice");
             return;

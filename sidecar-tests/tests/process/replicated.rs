@@ -1,0 +1,211 @@
+//! RELIABILITY.md rows 6 and 5 on local processes, for `durability: Replicated` with
+//! `replicas: 2`. The producer's pod is a member of a group (`senders`) so that it has a
+//! member record in the routing table, as every pod with a sidecar has in a cluster.
+//!
+//! - Row 6 (`replicated_node_loss`): the producer's sidecar is killed, its data folder
+//!   deleted and its member record removed; the replica takes custody and delivers every
+//!   message the producer acked.
+//! - Row 5 (`replicated_amnesia_composite`): the preferred replica is paused (SIGSTOP) so
+//!   copies go to the next candidate, then the producer is killed and its data folder
+//!   wiped (as if none of it had reached the disk); restarted, it re-learns custody from
+//!   the replica that answers, then from the paused one once it resumes (SIGCONT). Nothing
+//!   is lost, and the producer, which holds nothing settled, makes no replica drop a copy:
+//!   every copy comes back to it.
+
+use std::time::Duration;
+
+use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer, wait_for};
+use ferry_sidecar_tests::history::{Expect, History};
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
+use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
+
+const TOPIC: &str = "default/orders";
+
+fn crs() -> String {
+    [
+        topic("orders", "durability: Replicated, replicas: 2"),
+        group("billing", "billing", ""),
+        group("senders", "senders", ""),
+        subscription(
+            "billing-orders",
+            "orders",
+            "billing",
+            &format!("maxInFlight: {MAX_IN_FLIGHT}"),
+        ),
+    ]
+    .concat()
+}
+
+/// Kept small so that the duplicate bound is tight: a consumer sidecar keeps the
+/// deliveries it queued for its app from a producer that is gone, and the app gets them
+/// besides the replica's (at most `maxInFlight` x members, each a redelivery or a first
+/// attempt of the old producer followed by the new holder's attempt >= 2).
+const MAX_IN_FLIGHT: u64 = 10;
+/// Members of the consuming group.
+const MEMBERS: u64 = 2;
+
+/// The producer and `billing-a` share zone-a's node; `billing-b` (zone-b) is the preferred
+/// replica, `billing-a` the next one.
+fn pods() -> String {
+    [
+        pod("producer", "zone-a", "senders"),
+        pod("billing-a", "zone-a", "billing"),
+        pod("billing-b", "zone-b", "billing"),
+    ]
+    .concat()
+}
+
+fn expect() -> [Expect; 1] {
+    [Expect::AnyMember {
+        group: "billing".into(),
+        topic: TOPIC.into(),
+        check_order: false,
+    }]
+}
+
+async fn start_consumers(mesh: &TestMesh, history: &History) -> anyhow::Result<()> {
+    for member in ["billing-a", "billing-b"] {
+        spawn_consumer(
+            &mesh.app_addr(member)?,
+            "default/billing-orders",
+            "billing",
+            member,
+            history,
+            Behavior::Ack,
+            Instant::now() + RUN_LIMIT,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Publishes `ids` one by one; returns how many were acked.
+async fn publish_all(
+    mesh: &TestMesh,
+    history: &History,
+    ids: impl Iterator<Item = String>,
+) -> anyhow::Result<u64> {
+    let mut app = mesh.app("producer").await?;
+    let mut acked = 0;
+    for id in ids {
+        match publish(
+            &mut app,
+            history,
+            "producer",
+            TOPIC,
+            &id,
+            None,
+            vec![b'r'; 256],
+        )
+        .await
+        {
+            Ok(()) => acked += 1,
+            Err(status) => println!("publish {id}: {:?} {}", status.code(), status.message()),
+        }
+    }
+    Ok(acked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_node_loss() -> anyhow::Result<()> {
+    let mut mesh = TestMesh::start(&crs(), &pods()).await?;
+    let history = History::default();
+
+    // A backlog that no app consumes yet: every message lives on the producer and its replica.
+    let acked = publish_all(&mesh, &history, (0..200).map(|i| format!("node-loss-{i}"))).await?;
+    assert_eq!(
+        acked, 200,
+        "every publish is acked while both replicas are up"
+    );
+
+    // The producer's node is lost: process gone, data gone, pod deleted.
+    let data = mesh.mesh.spec("producer")?.data_dir.clone();
+    mesh.mesh.kill9("producer").await?;
+    std::fs::remove_dir_all(&data)?;
+    mesh.remove_member("producer")?;
+
+    // The replica takes custody; consumers that appear get everything it held.
+    wait_for(Duration::from_secs(30), "a replica took custody", || {
+        ["billing-a", "billing-b"].iter().any(|p| {
+            mesh.log_lines(p, "took custody of")
+                .is_ok_and(|l| !l.is_empty())
+        })
+    })
+    .await?;
+    start_consumers(&mesh, &history).await?;
+    let c = drain(
+        &history,
+        &expect(),
+        Duration::from_secs(60),
+        "replicated_node_loss",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    assert!(c.duplicated <= MAX_IN_FLIGHT * MEMBERS, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_amnesia_composite() -> anyhow::Result<()> {
+    let mut mesh = TestMesh::start(&crs(), &pods()).await?;
+    let history = History::default();
+
+    // Copies of the first part go to the preferred replica, billing-b.
+    let first = publish_all(&mesh, &history, (0..100).map(|i| format!("amnesia-a-{i}"))).await?;
+    // billing-b pauses: the next copies go to billing-a (the first publish waits for the
+    // replica timeout before passing billing-b over; none is acked without a copy).
+    mesh.mesh.process("billing-b")?.signal(Signal::SIGSTOP)?;
+    let second = publish_all(&mesh, &history, (0..100).map(|i| format!("amnesia-b-{i}"))).await?;
+    println!("acked before the crash: {first} + {second}");
+
+    // The producer crashes and comes back with nothing on disk.
+    let data = mesh.mesh.spec("producer")?.data_dir.clone();
+    mesh.mesh.kill9("producer").await?;
+    std::fs::remove_dir_all(&data)?;
+    mesh.mesh.restart("producer").await?;
+    let relearned = |mesh: &TestMesh| -> u64 {
+        mesh.log_lines("producer", "re-learned custody of")
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|l| {
+                let rest = &l[l.find("re-learned custody of ")? + "re-learned custody of ".len()..];
+                rest.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    // billing-a answers at once.
+    wait_for(Duration::from_secs(30), "re-learned from billing-a", || {
+        relearned(&mesh) >= second
+    })
+    .await?;
+    // billing-b resumes and is asked too.
+    mesh.mesh.process("billing-b")?.signal(Signal::SIGCONT)?;
+    wait_for(Duration::from_secs(30), "re-learned from billing-b", || {
+        relearned(&mesh) >= first + second
+    })
+    .await?;
+    println!("re-learned {} messages", relearned(&mesh));
+
+    start_consumers(&mesh, &history).await?;
+    let c = drain(
+        &history,
+        &expect(),
+        Duration::from_secs(60),
+        "replicated_amnesia_composite",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    assert!(c.duplicated <= MAX_IN_FLIGHT * MEMBERS, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    // No replica took custody: the producer was back long before the takeover timeout.
+    for p in ["billing-a", "billing-b"] {
+        assert!(
+            mesh.log_lines(p, "took custody of")?.is_empty(),
+            "{p} took over"
+        );
+    }
+    Ok(())
+}
