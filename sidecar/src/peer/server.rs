@@ -160,7 +160,7 @@ impl Peer for PeerService {
             return Ok(Response::new(HeldResponse::default()));
         }
         let replicas = self.engine.replicas.clone();
-        let (copies, next, more) = tokio::task::spawn_blocking(move || {
+        let page = tokio::task::spawn_blocking(move || {
             replicas.held(
                 &r.producer,
                 &r.topic,
@@ -172,9 +172,9 @@ impl Peer for PeerService {
         .await
         .map_err(blocking_failed)??;
         Ok(Response::new(HeldResponse {
-            copies: copies.iter().map(|(_, m)| to_wire(m)).collect(),
-            next,
-            more,
+            copies: page.copies.iter().map(|(_, m)| to_wire(m)).collect(),
+            next: page.next,
+            more: page.more,
         }))
     }
 

@@ -30,6 +30,18 @@ struct Copies {
     address: String,
 }
 
+/// Replica logs by (producer, topic).
+type Logs = HashMap<(String, String), Arc<Mutex<Copies>>>;
+
+/// One page of held copies: the copies with their replica offsets, where to continue, and
+/// whether there is more.
+#[derive(Debug, Default)]
+pub struct HeldPage {
+    pub copies: Vec<(Offset, StoredMessage)>,
+    pub next: Offset,
+    pub more: bool,
+}
+
 /// What [`ReplicaLogs::producers`] lists.
 #[derive(Debug, Clone)]
 pub struct HeldSummary {
@@ -43,7 +55,7 @@ pub struct HeldSummary {
 #[derive(Debug)]
 pub struct ReplicaLogs {
     root: PathBuf,
-    logs: Mutex<HashMap<(String, String), Arc<Mutex<Copies>>>>,
+    logs: Mutex<Logs>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
@@ -214,9 +226,12 @@ impl ReplicaLogs {
         exclude: u64,
         from: Offset,
         max_bytes: usize,
-    ) -> Result<(Vec<(Offset, StoredMessage)>, Offset, bool), Error> {
+    ) -> Result<HeldPage, Error> {
         let Some(c) = self.get(producer, topic, false)? else {
-            return Ok((Vec::new(), from, false));
+            return Ok(HeldPage {
+                next: from,
+                ..HeldPage::default()
+            });
         };
         let c = lock(&c)?;
         let tag = exclude.to_string();
@@ -225,7 +240,11 @@ impl ReplicaLogs {
         let mut next = from.max(c.log.first());
         while next < c.log.written() {
             if bytes >= max_bytes {
-                return Ok((out, next, true));
+                return Ok(HeldPage {
+                    copies: out,
+                    next,
+                    more: true,
+                });
             }
             let batch = c
                 .log
@@ -248,7 +267,11 @@ impl ReplicaLogs {
                 out.push((o, m));
             }
         }
-        Ok((out, next, false))
+        Ok(HeldPage {
+            copies: out,
+            next,
+            more: false,
+        })
     }
 
     /// Drops the copies at `offsets` (after their custody moved here), durably.

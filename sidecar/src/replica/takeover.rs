@@ -93,8 +93,8 @@ async fn take_over(engine: &Arc<Engine>, h: &HeldSummary, reason: &str) {
         let page =
             tokio::task::spawn_blocking(move || replicas.held(&producer, &topic, 0, 0, STEP_BYTES))
                 .await;
-        let (copies, _, more) = match page {
-            Ok(Ok(p)) => p,
+        let (copies, more) = match page {
+            Ok(Ok(p)) => (p.copies, p.more),
             Ok(Err(e)) => {
                 tracing::error!(producer = %h.producer, topic = %h.topic, error = %e, "cannot read replica log");
                 return;
