@@ -81,6 +81,16 @@ fn new_message_id(now_ms: u64) -> String {
         .to_string()
 }
 
+/// The messages of a batch that the log stored (not duplicates), in order.
+fn newly_stored(messages: &[StoredMessage], outcomes: &[AppendOutcome]) -> Vec<StoredMessage> {
+    messages
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| matches!(o, AppendOutcome::Stored(_)))
+        .map(|(m, _)| m.clone())
+        .collect()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -364,21 +374,19 @@ impl Engine {
                 }
                 continue;
             }
-            let stored = async {
-                reply
-                    .await
-                    .unwrap_or_else(|_| Err(Error::Internal(format!("store of {topic} stopped"))))
-            };
-            let copied = async {
-                match &replicated {
-                    Some((entry, copies)) => self.replicator.replicate(self, entry, copies).await,
-                    None => Ok(()),
+            let outcome = reply
+                .await
+                .unwrap_or_else(|_| Err(Error::Internal(format!("store of {topic} stopped"))));
+            // Copies are made of what the local log stored (not of refused publishes or
+            // duplicates), after its fsync: a replica never holds an id this log never had.
+            let outcome = match (outcome, &replicated) {
+                (Ok(outcomes), Some((entry, copies))) => {
+                    let copies = newly_stored(copies, &outcomes);
+                    match self.replicator.replicate(self, entry, &copies).await {
+                        Ok(()) => Ok(outcomes),
+                        Err(e) => Err(e),
+                    }
                 }
-            };
-            // Local fsync and the replicas' fsyncs run at the same time.
-            let (outcome, copied) = tokio::join!(stored, copied);
-            let outcome = match (outcome, copied) {
-                (Ok(_), Err(e)) => Err(e),
                 (o, _) => o,
             };
             match outcome {

@@ -209,3 +209,80 @@ async fn replicated_amnesia_composite() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// With its only replica paused, a `Replicated` publish is refused with UNAVAILABLE naming
+/// how many replicas answered, never acked; once the replica resumes, publishing works.
+/// Nothing acked is lost, and the refused message (stored by the producer, so possibly
+/// delivered) counts as attempted only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_publish_refused_without_replicas() -> anyhow::Result<()> {
+    let pods = [
+        pod("producer", "zone-a", "senders"),
+        pod("billing-a", "zone-b", "billing"),
+    ]
+    .concat();
+    let mesh = TestMesh::start(&crs(), &pods).await?;
+    let history = History::default();
+    let mut app = mesh.app("producer").await?;
+
+    mesh.mesh.process("billing-a")?.signal(Signal::SIGSTOP)?;
+    let refused = publish(
+        &mut app,
+        &history,
+        "producer",
+        TOPIC,
+        "alone",
+        None,
+        vec![1; 8],
+    )
+    .await
+    .err()
+    .ok_or_else(|| anyhow::anyhow!("acked with no replica"))?;
+    println!(
+        "publish without replicas: {:?} {:?}",
+        refused.code(),
+        refused.message()
+    );
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(refused.message().contains("0 answered"), "{refused:?}");
+
+    mesh.mesh.process("billing-a")?.signal(Signal::SIGCONT)?;
+    let mut acked = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !acked && Instant::now() < deadline {
+        acked = publish(
+            &mut app,
+            &history,
+            "producer",
+            TOPIC,
+            "together",
+            None,
+            vec![2; 8],
+        )
+        .await
+        .is_ok();
+    }
+    assert!(
+        acked,
+        "publishing did not resume after the replica came back"
+    );
+    spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        &history,
+        Behavior::Ack,
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+    let c = drain(
+        &history,
+        &expect(),
+        Duration::from_secs(30),
+        "replicated_publish_refused",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    Ok(())
+}

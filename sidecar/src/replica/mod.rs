@@ -1,8 +1,9 @@
 //! `durability: Replicated`, custody takeover and the SIGTERM handoff.
 //!
 //! - **Copies** (`replicator.rs`, producer side): a publish to a `Replicated` topic is
-//!   acked only after the local fsync *and* after `replicas - 1` replicas answered that
-//!   their copy is fsynced. Replicas are chosen by `choose.rs`: another node first, then
+//!   acked only after the local fsync and then `replicas - 1` replicas answered that their
+//!   copy is fsynced (copies are made of what the local log stored, so a replica never
+//!   holds an id that the producer refused). Replicas are chosen by `choose.rs`: another node first, then
 //!   another zone, in an order fixed per producer (rendezvous hashing), so a restarted
 //!   producer finds them again. A replica that does not answer within
 //!   [`replicator::REPLICATE_TIMEOUT`] is passed over for the next candidate; if fewer than
@@ -16,10 +17,12 @@
 //! - **Replica storage** (`holder.rs`): one `DiskLog` per (producer, topic) under
 //!   `<data-dir>/replicas/`, fsynced before a `Replicate` is answered.
 //! - **Takeover** (`takeover.rs`, replica side): a replica takes custody of a producer's
-//!   copies when the producer's member record leaves the routing table (after having been
-//!   seen there) or when the producer has not answered a probe for `--replica-takeover-after`
-//!   (default 60 s). Custody means the copies are appended to the replica's own log of the
-//!   topic and delivered by its dispatchers like its own messages.
+//!   copies when the producer does not answer a probe and either its member record left
+//!   the routing table (after this replica saw it there) or it has not answered for
+//!   `--replica-takeover-after` (default 60 s). Custody means the copies are appended to the
+//!   replica's own log of the topic and delivered by its dispatchers like its own messages.
+//!   Two replicas of one producer (`replicas: 3`) may both take over: each copy is then
+//!   delivered up to `replicas - 1` times, every time after the first with attempt >= 2.
 //! - **Re-learn** (`replicator.rs`): a producer that starts asks every sidecar what it holds
 //!   for it from earlier starts; copies whose id its own log does not hold unsettled (it lost
 //!   them, or it settled them and the trim was lost) are appended to its log again. Nothing

@@ -311,6 +311,12 @@ impl Replicator {
     /// earlier starts, and takes back custody of what this sidecar's log does not hold
     /// unsettled. Retries a sidecar that does not answer until it does or `stop`.
     pub async fn relearn(self: Arc<Self>, engine: Arc<Engine>, stop: CancellationToken) {
+        // A routing source may start empty (etcd before its first list): wait for topics.
+        let mut routing = engine.routing.clone();
+        tokio::select! {
+            r = routing.wait_for(|t| !t.topics.is_empty()) => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
         let table = engine.table();
         let topics: Vec<String> = table
             .topics

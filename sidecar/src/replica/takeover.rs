@@ -1,7 +1,9 @@
-//! The replica side's watch over the producers it holds copies for. Once a second it looks
-//! at each: a producer whose member record left the routing table (after this process saw
-//! it there) is gone for good, as is one that did not answer a probe (`Held` with no topic)
-//! for `--replica-takeover-after`. The replica then takes custody of every copy it holds
+//! The replica side's watch over the producers it holds copies for. Once a second it probes
+//! each (`Held` with no topic). A producer that does not answer and whose member record left
+//! the routing table (after this process saw it there) is gone for good, as is one that has
+//! not answered for `--replica-takeover-after` (the only rule for a producer that is in no
+//! group, hence never in the table). A producer that answers keeps custody even when it
+//! left the table (a pod that is only not Ready, or one still handing off on SIGTERM). The replica then takes custody of every copy it holds
 //! for that producer ([`super::custody::take_custody`]) and drops the copies once its own
 //! log holds them durably. A sidecar that is stopping takes nothing over.
 
@@ -52,28 +54,26 @@ pub async fn run(engine: Arc<Engine>, stop: CancellationToken) {
             continue;
         }
         let mesh = choose::mesh(&engine.table());
+        // Every sidecar ever seen in the table, copies or not: a producer may join, get
+        // copies made and be removed between two checks.
+        seen.extend(mesh.keys().cloned());
         let held = engine.replicas.producers();
         let mut verdicts: HashMap<String, Option<&'static str>> = HashMap::new();
         for h in held {
             if !verdicts.contains_key(&h.producer) {
                 let in_table = mesh.get(&h.producer);
-                if in_table.is_some() {
-                    seen.insert(h.producer.clone());
-                }
-                let verdict = if in_table.is_none() && seen.contains(&h.producer) {
-                    Some("its member record left the routing table")
+                let address = in_table.map_or(h.address.as_str(), |c| c.address.as_str());
+                let verdict = if !address.is_empty() && probe(&engine, address).await {
+                    unreachable.remove(&h.producer);
+                    None
+                } else if in_table.is_none() && seen.contains(&h.producer) {
+                    Some("its member record left the routing table and it does not answer")
                 } else {
-                    let address = in_table.map_or(h.address.as_str(), |c| c.address.as_str());
-                    if !address.is_empty() && probe(&engine, address).await {
-                        unreachable.remove(&h.producer);
-                        None
-                    } else {
-                        let since = *unreachable
-                            .entry(h.producer.clone())
-                            .or_insert_with(Instant::now);
-                        (since.elapsed() >= after)
-                            .then_some("it did not answer for --replica-takeover-after")
-                    }
+                    let since = *unreachable
+                        .entry(h.producer.clone())
+                        .or_insert_with(Instant::now);
+                    (since.elapsed() >= after)
+                        .then_some("it did not answer for --replica-takeover-after")
                 };
                 verdicts.insert(h.producer.clone(), verdict);
             }
