@@ -52,7 +52,7 @@ pub async fn drain(engine: &Engine, grace: Duration) -> bool {
         if Instant::now() >= deadline {
             tracing::warn!(
                 ?grace,
-                "drain window over with undelivered backlog; handing it to a peer"
+                "drain window over with undelivered backlog"
             );
             return false;
         }

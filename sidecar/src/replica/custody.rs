@@ -26,8 +26,11 @@ pub async fn take_custody(
         return Ok(0);
     }
     let store = engine.store(topic).await?;
+    // Two copies of one id (sent again after a restart of their producer) are one message.
+    let mut ids = std::collections::HashSet::new();
     let messages: Vec<StoredMessage> = messages
         .into_iter()
+        .filter(|m| ids.insert(m.id.clone()))
         .map(|mut m| {
             if !m.headers.iter().any(|(k, _)| k == CUSTODY_HEADER) {
                 m.headers.push((CUSTODY_HEADER.into(), from.to_owned()));

@@ -25,7 +25,15 @@ const CHUNK: usize = 512;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Hands every undelivered message to peers until `deadline`. Returns how many moved.
+/// With no other sidecar in the mesh it keeps draining instead.
 pub async fn hand_off(engine: &Arc<Engine>, deadline: Instant) -> u64 {
+    if Replicator::candidates(engine).is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !crate::shutdown::drain(engine, left).await {
+            tracing::warn!("no peer to hand the backlog to; it stays in the log for the next start");
+        }
+        return 0;
+    }
     engine.delivery.stop_all().await;
     let mut total = 0;
     for store in engine.open_stores() {
