@@ -98,6 +98,15 @@ pub struct TestMesh {
 impl TestMesh {
     /// Starts one sidecar per pod of `pods_yaml`, routing per the CRs in `crs_yaml`.
     pub async fn start(crs_yaml: &str, pods_yaml: &str) -> Result<Self> {
+        Self::start_with_env(crs_yaml, pods_yaml, &[]).await
+    }
+
+    /// [`TestMesh::start`] with extra environment for every sidecar (`FERRY_*` flags).
+    pub async fn start_with_env(
+        crs_yaml: &str,
+        pods_yaml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut manifests = Manifests::default();
         manifests.add_str(Path::new("<test>"), crs_yaml)?;
         let pods = parse_pods(Path::new("<test pods>"), pods_yaml)?;
@@ -105,6 +114,10 @@ impl TestMesh {
         let mut config = MeshConfig::new(sidecar_bin()?, dir.path().to_owned());
         config.subnet = next_subnet();
         config.shutdown_grace = Duration::from_secs(2);
+        config.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let mesh = Mesh::start(&config, &manifests, &pods).await?;
         if !mesh.problems.is_empty() {
             bail!("the test's CRs have problems: {:?}", mesh.problems);

@@ -50,10 +50,7 @@ pub async fn drain(engine: &Engine, grace: Duration) -> bool {
             return true;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(
-                ?grace,
-                "drain window over with undelivered backlog"
-            );
+            tracing::warn!(?grace, "drain window over with undelivered backlog");
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

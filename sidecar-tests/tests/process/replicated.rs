@@ -24,10 +24,15 @@ use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
 const TOPIC: &str = "default/orders";
 
 fn crs() -> String {
+    crs_with(&group("senders", "senders", ""))
+}
+
+/// The topic, the consuming group and its subscription, plus `more`.
+fn crs_with(more: &str) -> String {
     [
         topic("orders", "durability: Replicated, replicas: 2"),
         group("billing", "billing", ""),
-        group("senders", "senders", ""),
+        more.to_owned(),
         subscription(
             "billing-orders",
             "orders",
@@ -284,5 +289,49 @@ async fn replicated_publish_refused_without_replicas() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    Ok(())
+}
+
+/// A producer in no group has no member record, so only the timeout tells its replica that
+/// it is gone: `kill -9` of its sidecar (data folder deleted) and nothing else. After
+/// `--replica-takeover-after` (3 s here) the replica takes custody and delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_takeover_after_unreachable_timeout() -> anyhow::Result<()> {
+    let pods = [
+        pod("producer", "zone-a", ""),
+        pod("billing-a", "zone-a", "billing"),
+        pod("billing-b", "zone-b", "billing"),
+    ]
+    .concat();
+    let env = [("FERRY_REPLICA_TAKEOVER_AFTER", "3s")];
+    let mut mesh = TestMesh::start_with_env(&crs_with(""), &pods, &env).await?;
+    let history = History::default();
+    let acked = publish_all(&mesh, &history, (0..100).map(|i| format!("timeout-{i}"))).await?;
+    assert_eq!(acked, 100);
+
+    let data = mesh.mesh.spec("producer")?.data_dir.clone();
+    mesh.mesh.kill9("producer").await?;
+    let t0 = Instant::now();
+    std::fs::remove_dir_all(&data)?;
+    // Consumers are up while the replica waits, so its deliveries need no retry.
+    start_consumers(&mesh, &history).await?;
+    wait_for(Duration::from_secs(60), "a replica took custody", || {
+        ["billing-a", "billing-b"].iter().any(|p| {
+            mesh.log_lines(p, "--replica-takeover-after")
+                .is_ok_and(|l| !l.is_empty())
+        })
+    })
+    .await?;
+    println!("taken over {:?} after the kill", t0.elapsed());
+    let c = drain(
+        &history,
+        &expect(),
+        Duration::from_secs(60),
+        "replicated_takeover_after_timeout",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    assert!(c.duplicated <= MAX_IN_FLIGHT * MEMBERS, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
     Ok(())
 }

@@ -30,7 +30,9 @@ pub async fn hand_off(engine: &Arc<Engine>, deadline: Instant) -> u64 {
     if Replicator::candidates(engine).is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if !crate::shutdown::drain(engine, left).await {
-            tracing::warn!("no peer to hand the backlog to; it stays in the log for the next start");
+            tracing::warn!(
+                "no peer to hand the backlog to; it stays in the log for the next start"
+            );
         }
         return 0;
     }
