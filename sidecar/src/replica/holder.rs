@@ -329,3 +329,101 @@ fn read_all(log: &DiskLog) -> Result<Vec<(Offset, StoredMessage)>, crate::log::L
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::tests::msg;
+
+    const P: &str = "ns/producer";
+    const T: &str = "ns/orders";
+
+    fn ids(page: &HeldPage) -> Vec<String> {
+        page.copies.iter().map(|(_, m)| m.id.clone()).collect()
+    }
+
+    #[test]
+    fn copies_survive_reopen_trims_drop_only_named_ids_and_incarnations_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = ReplicaLogs::new(dir.path().join("replicas"));
+        // Trims for a producer never seen create nothing.
+        assert_eq!(
+            logs.replicate(P, "", T, 1, vec![], &["x".into()]).unwrap(),
+            0
+        );
+        assert!(logs.producers().is_empty());
+
+        let held = logs
+            .replicate(P, "p:7710", T, 7, vec![msg(1), msg(2), msg(3)], &[])
+            .unwrap();
+        assert_eq!(held, 3);
+        let held = logs
+            .replicate(P, "p:7710", T, 8, vec![msg(4)], &[msg(2).id])
+            .unwrap();
+        assert_eq!(held, 3);
+
+        // A new process finds the copies and the producer's address again.
+        let logs = ReplicaLogs::new(dir.path().join("replicas"));
+        logs.open_existing();
+        let summary = logs.producers();
+        assert_eq!(summary.len(), 1);
+        assert_eq!(
+            (summary[0].address.as_str(), summary[0].copies),
+            ("p:7710", 3)
+        );
+        let all = logs.held(P, T, 0, 0, usize::MAX).unwrap();
+        assert_eq!(ids(&all), [msg(1).id, msg(3).id, msg(4).id]);
+        assert!(
+            all.copies
+                .iter()
+                .all(|(_, m)| m.headers.iter().all(|(k, _)| k != INCARNATION_HEADER))
+        );
+        // The asker's own incarnation is left out.
+        assert_eq!(
+            ids(&logs.held(P, T, 8, 0, usize::MAX).unwrap()),
+            [msg(1).id, msg(3).id]
+        );
+
+        // Releasing after a takeover drops them for good.
+        let offsets: Vec<Offset> = all.copies.iter().map(|(o, _)| *o).collect();
+        logs.release(P, T, &offsets).unwrap();
+        assert!(logs.held(P, T, 0, 0, usize::MAX).unwrap().copies.is_empty());
+        assert!(logs.producers().is_empty());
+    }
+
+    #[test]
+    fn pages_are_bounded_and_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = ReplicaLogs::new(dir.path().to_owned());
+        let copies = (0..10).map(msg).collect();
+        logs.replicate(P, "", T, 1, copies, &[]).unwrap();
+        let mut seen = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = logs.held(P, T, 0, from, 1).unwrap();
+            seen.extend(ids(&page));
+            if !page.more {
+                break;
+            }
+            from = page.next;
+        }
+        let want: Vec<String> = (0..10).map(|i| msg(i).id).collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn names_that_escape_the_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = ReplicaLogs::new(dir.path().to_owned());
+        for bad in ["../x", "ns/..", "nons", "a/b/c"] {
+            assert!(
+                logs.replicate(bad, "", T, 1, vec![msg(1)], &[]).is_err(),
+                "{bad}"
+            );
+            assert!(
+                logs.replicate(P, "", bad, 1, vec![msg(1)], &[]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

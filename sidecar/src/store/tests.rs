@@ -164,3 +164,49 @@ async fn ordered_topics_number_messages_per_key() {
     let seqs: Vec<u64> = batch.records.iter().map(|(_, m)| m.key_sequence).collect();
     assert_eq!(seqs, vec![1, 1, 2, 3]);
 }
+
+#[tokio::test]
+async fn replicated_store_reports_settled_ids_and_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut o = opts();
+    o.settled_ids = Some(tx);
+    let s = TopicStore::open(&entry(Durability::Replicated), dir.path(), &o).unwrap();
+    s.set_subscriptions(vec!["ns/a".into(), "ns/b".into()]);
+    append(&s, &[0, 1, 2]).await.unwrap();
+    let held = s.holds(vec![msg(0).id, msg(9).id]).await.unwrap();
+    assert_eq!(held, [true, false]);
+
+    // Offset 2 settled by both (out of order), offset 0 by one only: only 2 is reported.
+    let settle = |o: u64, sub: &str| (Arc::<str>::from(sub), o, Settlement::Acked);
+    s.settle(vec![
+        settle(2, "ns/a"),
+        settle(2, "ns/b"),
+        settle(0, "ns/a"),
+    ]);
+    s.flush().await.unwrap();
+    let (topic, ids) = rx.recv().await.unwrap();
+    assert_eq!((topic.as_str(), ids), ("ns/t", vec![msg(2).id]));
+    // Offset 0 completes: reported once acknowledged passes it.
+    s.settle(vec![settle(0, "ns/b")]);
+    s.flush().await.unwrap();
+    let (_, ids) = rx.recv().await.unwrap();
+    assert_eq!(ids, [msg(0).id]);
+    assert_eq!(
+        s.holds(vec![msg(0).id, msg(1).id, msg(2).id])
+            .await
+            .unwrap(),
+        [false, true, false]
+    );
+
+    // After a restart the index is rebuilt from the log: only 1 is still unsettled.
+    s.close().await;
+    drop(s);
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    o.settled_ids = Some(tx);
+    let s = TopicStore::open(&entry(Durability::Replicated), dir.path(), &o).unwrap();
+    assert_eq!(
+        s.holds(vec![msg(0).id, msg(1).id]).await.unwrap(),
+        [false, true]
+    );
+}
