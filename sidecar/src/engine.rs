@@ -81,16 +81,6 @@ fn new_message_id(now_ms: u64) -> String {
         .to_string()
 }
 
-/// The messages of a batch that the log stored (not duplicates), in order.
-fn newly_stored(messages: &[StoredMessage], outcomes: &[AppendOutcome]) -> Vec<StoredMessage> {
-    messages
-        .iter()
-        .zip(outcomes)
-        .filter(|(_, o)| matches!(o, AppendOutcome::Stored(_)))
-        .map(|(m, _)| m.clone())
-        .collect()
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -381,7 +371,7 @@ impl Engine {
             // duplicates), after its fsync: a replica never holds an id this log never had.
             let outcome = match (outcome, &replicated) {
                 (Ok(outcomes), Some((entry, copies))) => {
-                    let copies = newly_stored(copies, &outcomes);
+                    let copies = crate::replica::newly_stored(copies, &outcomes);
                     match self.replicator.replicate(self, entry, &copies).await {
                         Ok(()) => Ok(outcomes),
                         Err(e) => Err(e),

@@ -53,6 +53,7 @@ pub mod takeover;
 use ferry_api::proto::v1::PeerMessage;
 
 use crate::log::StoredMessage;
+use crate::store::AppendOutcome;
 
 /// Header of a message whose custody moved: the producer id (`namespace/pod`) it came from.
 pub const CUSTODY_HEADER: &str = "ferry-custody-from";
@@ -90,4 +91,14 @@ pub fn from_wire(m: PeerMessage) -> StoredMessage {
 /// Whether a message came to this sidecar by a custody move.
 pub fn moved_custody(m: &StoredMessage) -> bool {
     m.headers.iter().any(|(k, _)| k == CUSTODY_HEADER)
+}
+
+/// The messages of a batch that the log stored (not duplicates), in order.
+pub fn newly_stored(messages: &[StoredMessage], outcomes: &[AppendOutcome]) -> Vec<StoredMessage> {
+    messages
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| matches!(o, AppendOutcome::Stored(_)))
+        .map(|(m, _)| m.clone())
+        .collect()
 }

@@ -10,7 +10,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::SettledIds;
+use ferry_api::crd::Durability;
+use ferry_api::routing::TopicEntry;
+
+use super::{SettledIds, StoreOptions};
 use crate::log::{Log, Offset};
 
 #[derive(Debug)]
@@ -21,6 +24,17 @@ pub(super) struct SettledIndex {
 }
 
 impl SettledIndex {
+    /// The index of a `Replicated` topic whose settled ids have somewhere to go.
+    pub(super) fn for_topic(
+        entry: &TopicEntry,
+        log: &dyn Log,
+        options: &StoreOptions,
+    ) -> Option<Self> {
+        let tx = options.settled_ids.clone()?;
+        let topic = ferry_api::routing::object_ref(&entry.namespace, &entry.name);
+        (entry.durability == Durability::Replicated).then(|| Self::rebuild(&topic, log, tx))
+    }
+
     /// The index of every record still unsettled in `log`.
     pub(super) fn rebuild(topic: &str, log: &dyn Log, tx: SettledIds) -> Self {
         let mut ids = BTreeMap::new();

@@ -77,11 +77,7 @@ impl StoreThread {
             tail: (entry.durability != Durability::Memory).then(Tail::default),
             settled_index: None,
         };
-        if entry.durability == Durability::Replicated
-            && let Some(tx) = options.settled_ids.clone()
-        {
-            s.settled_index = Some(SettledIndex::rebuild(&s.topic, s.log.as_ref(), tx));
-        }
+        s.settled_index = SettledIndex::for_topic(entry, s.log.as_ref(), options);
         if s.ordered {
             s.rebuild_key_sequences();
         }
@@ -277,11 +273,8 @@ impl StoreThread {
                 let _ = reply.send(n as u64);
             }
             Command::Holds { ids, reply } => {
-                let held = match &self.settled_index {
-                    Some(index) => index.holds(&ids),
-                    None => vec![false; ids.len()],
-                };
-                let _ = reply.send(held);
+                let index = self.settled_index.as_ref();
+                let _ = reply.send(index.map_or_else(|| vec![false; ids.len()], |i| i.holds(&ids)));
             }
             Command::Append { .. }
             | Command::Settle(_)
