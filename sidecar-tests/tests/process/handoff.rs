@@ -80,3 +80,85 @@ async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
     assert_eq!(c.unexplained_duplicates, 0, "{c}");
     Ok(())
 }
+
+/// The same for a `Replicated` topic, as when its pod is deleted: the producer hands its
+/// backlog off, tells its replica that it holds those ids settled, exits, and its member
+/// record is removed. The replica finds nothing left to take over (so no second copy is
+/// delivered by a takeover), and consumers that start later get everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_replicated_backlog_off_and_trims_its_replica() -> anyhow::Result<()> {
+    let crs = [
+        topic("orders", "durability: Replicated, replicas: 2"),
+        group("billing", "billing", ""),
+        group("senders", "senders", ""),
+        subscription("billing-orders", "orders", "billing", "maxInFlight: 10"),
+    ]
+    .concat();
+    let pods = [
+        pod("producer", "zone-a", "senders"),
+        pod("billing-a", "zone-a", "billing"),
+        pod("billing-b", "zone-b", "billing"),
+    ]
+    .concat();
+    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let history = History::default();
+    let mut app = mesh.app("producer").await?;
+    for i in 0..200 {
+        let id = format!("replicated-handoff-{i}");
+        publish(
+            &mut app,
+            &history,
+            "producer",
+            "default/orders",
+            &id,
+            None,
+            vec![b'h'; 256],
+        )
+        .await?;
+    }
+    drop(app);
+
+    let clean = mesh
+        .mesh
+        .terminate("producer", Duration::from_secs(15))
+        .await?;
+    assert!(clean, "the producer's sidecar did not exit 0 by itself");
+    mesh.remove_member("producer")?;
+
+    for member in ["billing-a", "billing-b"] {
+        spawn_consumer(
+            &mesh.app_addr(member)?,
+            "default/billing-orders",
+            "billing",
+            member,
+            &history,
+            Behavior::Ack,
+            Instant::now() + RUN_LIMIT,
+        )
+        .await?;
+    }
+    let expect = [Expect::AnyMember {
+        group: "billing".into(),
+        topic: "default/orders".into(),
+        check_order: false,
+    }];
+    let c = drain(
+        &history,
+        &expect,
+        Duration::from_secs(60),
+        "sigterm_handoff_replicated",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    // In flight at the handoff: at most maxInFlight x 2 members.
+    assert!(c.duplicated <= 20, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    for p in ["billing-a", "billing-b"] {
+        let took = mesh.log_lines(p, "took custody of")?;
+        assert!(
+            took.is_empty(),
+            "{p} took over copies the handoff had trimmed: {took:?}"
+        );
+    }
+    Ok(())
+}

@@ -34,6 +34,8 @@ const SUSPECT_FOR: Duration = Duration::from_secs(5);
 const MAX_PENDING_TRIMS: usize = 1 << 20;
 /// Payload bytes of copies per `Replicate` request.
 const CHUNK_BYTES: usize = 4 << 20;
+/// Longest wait for the last trims when the sidecar stops.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// How often a restarted producer asks a sidecar that did not answer yet what it holds.
 const RELEARN_RETRY: Duration = Duration::from_secs(2);
 
@@ -296,14 +298,25 @@ impl Replicator {
         };
         let mut tick = tokio::time::interval(TRIM_EVERY);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => return,
-            }
+            let stopping = tokio::select! {
+                _ = tick.tick() => false,
+                _ = stop.cancelled() => true,
+            };
             while let Ok((topic, ids)) = rx.try_recv() {
                 self.queue_trims(&engine, &topic, ids);
             }
-            self.flush_trims(&engine).await;
+            if !stopping {
+                self.flush_trims(&engine).await;
+                continue;
+            }
+            // The last acks before a stop: a trim lost here is a duplicate after a takeover.
+            if tokio::time::timeout(FINAL_FLUSH, self.flush_trims(&engine))
+                .await
+                .is_err()
+            {
+                tracing::info!("replicas did not take the last trims before the stop");
+            }
+            return;
         }
     }
 
