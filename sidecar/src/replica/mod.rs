@@ -3,9 +3,9 @@
 //! - **Copies** (`replicator.rs`, producer side): a publish to a `Replicated` topic is
 //!   acked only after the local fsync and then `replicas - 1` replicas answered that their
 //!   copy is fsynced (copies are made of what the local log stored, so a replica never
-//!   holds an id that the producer refused). Replicas are chosen by `choose.rs`: another node first, then
-//!   another zone, in an order fixed per producer (rendezvous hashing), so a restarted
-//!   producer finds them again. A replica that does not answer within
+//!   holds an id that the producer refused). Replicas are chosen by `choose.rs`: another
+//!   node first, then another zone, in an order fixed per producer (rendezvous hashing), so
+//!   a restarted producer finds them again. A replica that does not answer within
 //!   [`replicator::REPLICATE_TIMEOUT`] is passed over for the next candidate; if fewer than
 //!   `replicas - 1` answer, the publish fails with UNAVAILABLE naming how many did (as
 //!   Kafka's `min.insync.replicas` with `acks=all`). The message stays in the local log and
@@ -36,12 +36,21 @@
 //! new holder is numbered attempt 2, like a redelivery after a restart.
 //!
 //! Duplicates these moves can cause, and their bound: a takeover or re-learn redelivers
-//! the messages whose trims had not reached the replica (those the consumers acked in the
-//! last trim interval, [`replicator::TRIM_EVERY`], plus those acked out of order above the
-//! oldest unsettled one) and the deliveries in flight when the producer died (at most
-//! `maxInFlight` x members per subscription). A takeover of a producer that was only
-//! partitioned, not dead, duplicates at most the copies taken over. A handoff duplicates at
-//! most the deliveries in flight when it starts. Each such delivery carries attempt >= 2.
+//! the messages whose trims had not reached the replica (those acked in the last trim
+//! interval, [`replicator::TRIM_EVERY`]; those acked out of order above the oldest
+//! unsettled one; and those acked while the replica was unreachable, whose trims wait in
+//! the producer's memory and die with it) and the deliveries in flight when the producer
+//! died (at most `maxInFlight` x members per subscription: the consuming sidecars still
+//! hand them to their apps). A takeover of a producer that was only partitioned, not dead,
+//! duplicates at most the copies taken over. A handoff duplicates at most the deliveries in
+//! flight when it starts. Each such delivery after the first carries attempt >= 2. The
+//! consuming side's `ExactlyOnce` memory is keyed by producer and offset, so it does not
+//! suppress a new holder's redelivery: `ExactlyOnce` subscriptions see these duplicates
+//! too.
+//!
+//! Not covered: `Held` and `TakeCustody` trust the calling peer's word for its identity
+//! until peer mTLS exists; a copy read back from a replica with a bad CRC is reported by
+//! the log like any corrupt record (no refetch from another replica yet).
 
 pub mod choose;
 pub mod custody;
