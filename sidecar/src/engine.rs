@@ -276,6 +276,7 @@ impl Engine {
                 item: AppendItem {
                     message,
                     delivered: delivered_tx,
+                    bypass_dedup: false,
                 },
                 level,
                 timeout,
@@ -486,6 +487,7 @@ impl Engine {
         let reply = store.append(vec![AppendItem {
             message,
             delivered: None,
+            bypass_dedup: false,
         }])?;
         reply
             .await

@@ -22,6 +22,28 @@ pub async fn take_custody(
     from: &str,
     messages: Vec<StoredMessage>,
 ) -> Result<u64, Error> {
+    append(engine, topic, from, messages, false).await
+}
+
+/// [`take_custody`] of messages this sidecar produced itself and lost: the dedup window is
+/// not consulted (it may name records the log lost), so an id it still remembers is stored
+/// again rather than trusted to be there.
+pub async fn relearn(
+    engine: &Arc<Engine>,
+    topic: &str,
+    messages: Vec<StoredMessage>,
+) -> Result<u64, Error> {
+    let me = engine.identity.producer_id.clone();
+    append(engine, topic, &me, messages, true).await
+}
+
+async fn append(
+    engine: &Arc<Engine>,
+    topic: &str,
+    from: &str,
+    messages: Vec<StoredMessage>,
+    bypass_dedup: bool,
+) -> Result<u64, Error> {
     if messages.is_empty() {
         return Ok(0);
     }
@@ -46,6 +68,7 @@ pub async fn take_custody(
         .map(|message| AppendItem {
             message,
             delivered: None,
+            bypass_dedup,
         })
         .collect();
     let outcomes = store

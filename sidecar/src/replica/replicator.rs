@@ -412,7 +412,7 @@ impl Replicator {
                 .map(|(m, _)| m)
                 .collect();
             let asked = missing.len();
-            let n = custody::take_custody(engine, topic, &me, missing)
+            let n = custody::relearn(engine, topic, missing)
                 .await
                 .map_err(|e| e.to_string())?;
             if asked > 0 {

@@ -41,6 +41,9 @@ pub struct AppendItem {
     pub message: StoredMessage,
     /// Fired once every subscription settled the message (ack level `DELIVERED`).
     pub delivered: Option<oneshot::Sender<()>>,
+    /// Stored even if its id is in the dedup window: a producer re-learning messages it
+    /// lost cannot trust a window that may name records the log no longer has.
+    pub bypass_dedup: bool,
 }
 
 /// What happened to one appended message.

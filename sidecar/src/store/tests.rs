@@ -29,6 +29,7 @@ fn items(ids: &[u64]) -> Vec<AppendItem> {
         .map(|i| AppendItem {
             message: msg(*i),
             delivered: None,
+            bypass_dedup: false,
         })
         .collect()
 }
@@ -101,6 +102,7 @@ async fn delivered_waiter_fires_when_every_subscription_settled() {
         .append(vec![AppendItem {
             message: msg(1),
             delivered: Some(tx),
+            bypass_dedup: false,
         }])
         .unwrap()
         .await
@@ -157,6 +159,7 @@ async fn ordered_topics_number_messages_per_key() {
         m.push(AppendItem {
             message: x,
             delivered: None,
+            bypass_dedup: false,
         });
     }
     s.append(m).unwrap().await.unwrap().unwrap();
@@ -209,4 +212,15 @@ async fn replicated_store_reports_settled_ids_and_what_it_holds() {
         s.holds(vec![msg(0).id, msg(1).id]).await.unwrap(),
         [false, true]
     );
+}
+
+#[tokio::test]
+async fn bypassing_dedup_stores_a_remembered_id_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TopicStore::open(&entry(Durability::Disk), dir.path(), &opts()).unwrap();
+    append(&s, &[1]).await.unwrap();
+    let mut again = items(&[1]);
+    again[0].bypass_dedup = true;
+    let out = s.append(again).unwrap().await.unwrap().unwrap();
+    assert_eq!(out, [AppendOutcome::Stored(1)]);
 }

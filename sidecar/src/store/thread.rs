@@ -326,7 +326,7 @@ impl StoreThread {
             let mut waiters = Vec::new();
             for item in items {
                 let offset = base + batch.len() as u64;
-                if dedup {
+                if dedup && !item.bypass_dedup {
                     let id = &item.message.id;
                     let seen = round_ids
                         .get(id)
