@@ -121,7 +121,9 @@ async fn send(
         if left.is_zero() {
             return None;
         }
-        let mut client = engine.peers.client(&c.address)?;
+        let Some(mut client) = engine.peers.client(&c.address) else {
+            continue;
+        };
         match tokio::time::timeout(left.min(CALL_TIMEOUT), client.take_custody(request.clone()))
             .await
         {
