@@ -104,6 +104,15 @@ pub struct TestMesh {
 impl TestMesh {
     /// Starts one sidecar per pod of `pods_yaml`, routing per the CRs in `crs_yaml`.
     pub async fn start(crs_yaml: &str, pods_yaml: &str) -> Result<Self> {
+        Self::start_with_env(crs_yaml, pods_yaml, &[]).await
+    }
+
+    /// [`TestMesh::start`] with extra environment for every sidecar (`FERRY_*` flags).
+    pub async fn start_with_env(
+        crs_yaml: &str,
+        pods_yaml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut manifests = Manifests::default();
         manifests.add_str(Path::new("<test>"), crs_yaml)?;
         let pods = parse_pods(Path::new("<test pods>"), pods_yaml)?;
@@ -111,6 +120,10 @@ impl TestMesh {
         let mut config = MeshConfig::new(sidecar_bin()?, dir.path().to_owned());
         config.subnet = next_subnet();
         config.shutdown_grace = Duration::from_secs(2);
+        config.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let mesh = Mesh::start(&config, &manifests, &pods).await?;
         if !mesh.problems.is_empty() {
             bail!("the test's CRs have problems: {:?}", mesh.problems);
@@ -130,6 +143,36 @@ impl TestMesh {
     /// The app gRPC address of a pod's sidecar.
     pub fn app_addr(&self, pod: &str) -> Result<String> {
         Ok(self.mesh.endpoints(pod)?.app_grpc.to_string())
+    }
+
+    /// Removes `pod`'s member records from the routing table and writes the routing file
+    /// with the next revision (atomically), as the operator does when a pod is deleted. The
+    /// sidecars pick it up on their next poll of the file.
+    pub fn remove_member(&mut self, pod: &str) -> Result<()> {
+        let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
+        let table = &mut self.mesh.table;
+        for members in table.members.values_mut() {
+            members.retain(|_, m| !(m.namespace == namespace && m.pod == name));
+        }
+        table.members.retain(|_, m| !m.is_empty());
+        table.revision += 1;
+        let path = self.mesh.routing_file().to_owned();
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.mesh.table)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Every output line of a pod's running sidecar that contains `needle`.
+    pub fn log_lines(&self, pod: &str, needle: &str) -> Result<Vec<String>> {
+        Ok(self
+            .mesh
+            .process(pod)?
+            .output
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect())
     }
 
     /// A gRPC client of a pod's sidecar.

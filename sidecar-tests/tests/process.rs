@@ -14,10 +14,12 @@ mod process {
     pub mod durable_app;
     pub mod exactly_once_restart;
     pub mod grpcurl;
+    pub mod handoff;
     pub mod kill9;
     pub mod late_ack;
     pub mod load_baseline;
     pub mod power_loss;
+    pub mod replicated;
     pub mod sigterm;
     pub mod torn_tail;
     pub mod ttl_delay;

@@ -70,6 +70,12 @@ pub struct Config {
     /// fsync interval of `DiskAsync` topics.
     #[arg(long, env = "FERRY_ASYNC_SYNC_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
     pub async_sync_interval: Duration,
+    /// A replica takes custody of a producer's `Replicated` copies once the producer has not
+    /// answered for this long (it does so at once when the producer's member record leaves
+    /// the routing table). Shorter means faster recovery from a lost node and more
+    /// duplicates when a producer was only cut off for a while.
+    #[arg(long, env = "FERRY_REPLICA_TAKEOVER_AFTER", default_value = "60s", value_parser = parse_duration)]
+    pub replica_takeover_after: Duration,
 }
 
 /// Parses a Go-style duration (`25s`, `1m30s`, `200ms`) as the CRDs write them.
@@ -97,6 +103,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(5),
             service_account: "default".into(),
             async_sync_interval: Duration::from_millis(50),
+            replica_takeover_after: Duration::from_secs(60),
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ferry_api::crd::Durability;
 use ferry_api::proto::v1::{AckLevel, PublishRequest, PublishResponse};
 use ferry_api::routing::RoutingTable;
 use tokio::sync::{oneshot, watch};
@@ -19,6 +20,8 @@ use crate::error::Error;
 use crate::log::StoredMessage;
 use crate::metrics::Metrics;
 use crate::peer::PeerPool;
+use crate::replica::holder::ReplicaLogs;
+use crate::replica::replicator::Replicator;
 use crate::routing::{may_publish, qualify};
 use crate::store::{AppendItem, AppendOutcome, StoreOptions, TopicStore};
 
@@ -57,6 +60,10 @@ pub struct Engine {
     pub consumer: Arc<Consumer>,
     pub peers: Arc<PeerPool>,
     pub delivery: DeliveryManager,
+    /// Copies this sidecar holds for other producers' `Replicated` topics.
+    pub replicas: Arc<ReplicaLogs>,
+    /// This sidecar's side of its own `Replicated` topics.
+    pub replicator: Arc<Replicator>,
     stores: RwLock<HashMap<String, Arc<TopicStore>>>,
     opening: tokio::sync::Mutex<()>,
     draining: AtomicBool,
@@ -106,6 +113,8 @@ impl Engine {
             producer_id: config.producer_id().into(),
             advertise,
         };
+        let replicas = Arc::new(ReplicaLogs::new(config.data_dir.join("replicas")));
+        replicas.open_existing();
         Arc::new(Self {
             consumer: Consumer::new(
                 config.pod_name.clone(),
@@ -113,6 +122,8 @@ impl Engine {
                 metrics.clone(),
                 Some(config.data_dir.clone()),
             ),
+            replicas,
+            replicator: Arc::new(Replicator::new()),
             identity,
             config,
             routing,
@@ -163,6 +174,7 @@ impl Engine {
                 .fsyncs
                 .get_or_create(&Metrics::topic(topic))
                 .clone(),
+            settled_ids: Some(self.replicator.settled_sender()),
         };
         let store =
             tokio::task::spawn_blocking(move || TopicStore::open(&entry, &data_dir, &options))
@@ -277,6 +289,7 @@ impl Engine {
                 item: AppendItem {
                     message,
                     delivered: delivered_tx,
+                    bypass_dedup: false,
                 },
                 level,
                 timeout,
@@ -313,6 +326,16 @@ impl Engine {
             };
             let mut meta = Vec::with_capacity(items.len());
             let mut append = Vec::with_capacity(items.len());
+            let replicated = table
+                .topics
+                .get(&topic)
+                .filter(|t| t.durability == Durability::Replicated && t.replicas > 1)
+                .map(|t| {
+                    (
+                        t.clone(),
+                        items.iter().map(|p| p.item.message.clone()).collect(),
+                    )
+                });
             for p in items {
                 meta.push((
                     p.index,
@@ -324,7 +347,7 @@ impl Engine {
                 append.push(p.item);
             }
             match store.append(append) {
-                Ok(reply) => waits.push((topic, reply, meta)),
+                Ok(reply) => waits.push((topic, reply, meta, replicated)),
                 Err(e) => {
                     let msg = e.to_string();
                     for (i, ..) in meta {
@@ -333,9 +356,19 @@ impl Engine {
                 }
             }
         }
-        for (topic, reply, meta) in waits {
+        for (topic, reply, meta, replicated) in waits {
             let all_none = meta.iter().all(|m| m.2 == AckLevel::None);
             if all_none {
+                if let Some((entry, copies)) = replicated {
+                    let engine = self.clone();
+                    tokio::spawn(async move {
+                        let copies: Vec<StoredMessage> = copies;
+                        if let Err(e) = engine.replicator.replicate(&engine, &entry, &copies).await
+                        {
+                            tracing::warn!(error = %e, "copies of unacknowledged publishes not made");
+                        }
+                    });
+                }
                 for (i, id, ..) in meta {
                     results[i] = Some(Ok(PublishResponse {
                         message_id: id,
@@ -348,6 +381,18 @@ impl Engine {
             let outcome = reply
                 .await
                 .unwrap_or_else(|_| Err(Error::Internal(format!("store of {topic} stopped"))));
+            // Copies are made of what the local log stored (not of refused publishes or
+            // duplicates), after its fsync: a replica never holds an id this log never had.
+            let outcome = match (outcome, &replicated) {
+                (Ok(outcomes), Some((entry, copies))) => {
+                    let copies = crate::replica::newly_stored(copies, &outcomes);
+                    match self.replicator.replicate(self, entry, &copies).await {
+                        Ok(()) => Ok(outcomes),
+                        Err(e) => Err(e),
+                    }
+                }
+                (o, _) => o,
+            };
             match outcome {
                 Ok(outcomes) => {
                     let stored = outcomes
@@ -455,6 +500,7 @@ impl Engine {
         let reply = store.append(vec![AppendItem {
             message,
             delivered: None,
+            bypass_dedup: false,
         }])?;
         reply
             .await

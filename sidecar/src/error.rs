@@ -35,6 +35,18 @@ pub enum Error {
     },
     #[error("shutting down: this sidecar no longer accepts {0}")]
     ShuttingDown(&'static str),
+    /// A `Replicated` publish whose copies could not all be made durable: the message is
+    /// stored here and may still be delivered, but the durability the topic asks for was
+    /// not met, so it is not acked (as Kafka's `NOT_ENOUGH_REPLICAS` with acks=all).
+    #[error(
+        "topic {topic:?} needs {needed} replica(s) besides this sidecar; {reached} answered ({detail})"
+    )]
+    ReplicasUnavailable {
+        topic: String,
+        needed: usize,
+        reached: usize,
+        detail: String,
+    },
     #[error("timed out after {ms} ms waiting for {what}")]
     Timeout { what: &'static str, ms: u64 },
     #[error("bad request: {0}")]
@@ -87,7 +99,7 @@ impl Error {
             }
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::BacklogFull { .. } => Code::ResourceExhausted,
-            Error::ShuttingDown(_) => Code::Unavailable,
+            Error::ShuttingDown(_) | Error::ReplicasUnavailable { .. } => Code::Unavailable,
             Error::Timeout { .. } => Code::DeadlineExceeded,
             Error::Log { source, .. } => match source {
                 LogError::RecordTooLarge { .. } => Code::InvalidArgument,
@@ -106,7 +118,9 @@ impl Error {
             Error::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::BadRequest(_) | Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Error::BacklogFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ShuttingDown(_) | Error::ReplicasUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => match self.code() {
                 Code::NotFound => StatusCode::NOT_FOUND,
                 Code::InvalidArgument => StatusCode::BAD_REQUEST,

@@ -23,6 +23,7 @@ pub mod error;
 pub mod log;
 pub mod metrics;
 pub mod peer;
+pub mod replica;
 pub mod routing;
 pub mod runtime;
 pub mod shutdown;

@@ -66,6 +66,14 @@ pub struct Metrics {
     pub publish_to_ack_seconds: HistogramFamily<SubLabels>,
     /// fsyncs of each topic's log (group commit makes this far lower than messages).
     pub fsyncs: Family<TopicLabels, Counter>,
+    /// Messages whose copies `replicas - 1` replicas fsynced (producer side).
+    pub replicated: Family<TopicLabels, Counter>,
+    /// Messages handed to a peer on SIGTERM.
+    pub handed_off: Family<TopicLabels, Counter>,
+    /// Replicated copies this sidecar took custody of from a producer that was gone.
+    pub taken_over: Family<TopicLabels, Counter>,
+    /// Messages a restarted producer took back from its replicas.
+    pub relearned: Family<TopicLabels, Counter>,
     /// 1 while the routing source can be read (a live etcd watch; always 1 for a file or
     /// static source), 0 while the sidecar routes with its last table.
     pub routing_source_connected: Gauge,
@@ -102,6 +110,10 @@ impl Metrics {
             oldest_age_seconds: Family::default(),
             publish_to_ack_seconds: Family::new_with_constructor(latency_histogram),
             fsyncs: Family::default(),
+            replicated: Family::default(),
+            handed_off: Family::default(),
+            taken_over: Family::default(),
+            relearned: Family::default(),
             routing_source_connected: Gauge::default(),
             routing_revision: Gauge::default(),
             routing_relists: Counter::default(),
@@ -170,6 +182,26 @@ impl Metrics {
             m.publish_to_ack_seconds.clone(),
         );
         registry.register("fsyncs", "fsyncs of the topic's log", m.fsyncs.clone());
+        registry.register(
+            "replicated",
+            "Messages fsynced by replicas - 1 replicas before the ack",
+            m.replicated.clone(),
+        );
+        registry.register(
+            "handed_off",
+            "Undelivered messages handed to a peer on SIGTERM",
+            m.handed_off.clone(),
+        );
+        registry.register(
+            "taken_over",
+            "Replicated copies taken into custody from a producer that was gone",
+            m.taken_over.clone(),
+        );
+        registry.register(
+            "relearned",
+            "Messages a restarted producer took back from its replicas",
+            m.relearned.clone(),
+        );
         registry.register(
             "routing_source_connected",
             "1 while the routing source is reachable, 0 while routing with the last table",

@@ -151,6 +151,30 @@ impl Sidecar {
                 }),
             ));
         }
+        // Replicated topics: trims to the replicas, re-learning custody after a start, and
+        // taking over the copies of producers that are gone.
+        tasks.push((
+            "replica trims",
+            tokio::spawn(
+                engine
+                    .replicator
+                    .clone()
+                    .run_trims(engine.clone(), stop.clone()),
+            ),
+        ));
+        tasks.push((
+            "replica re-learn",
+            tokio::spawn(
+                engine
+                    .replicator
+                    .clone()
+                    .relearn(engine.clone(), stop.clone()),
+            ),
+        ));
+        tasks.push((
+            "replica takeover",
+            tokio::spawn(crate::replica::takeover::run(engine.clone(), stop.clone())),
+        ));
         // Consumer-side expiry.
         {
             let engine = engine.clone();
@@ -192,7 +216,7 @@ impl Sidecar {
             );
         tasks.push(("app gRPC", spawn_server("app gRPC", server)));
 
-        let peer_svc = PeerServer::new(PeerService::new(engine.consumer.clone(), stop.clone()))
+        let peer_svc = PeerServer::new(PeerService::new(engine.clone(), stop.clone()))
             .max_decoding_message_size(PEER_MAX_MESSAGE)
             .max_encoding_message_size(PEER_MAX_MESSAGE);
         let server = tonic::transport::Server::builder()
@@ -231,7 +255,11 @@ impl Sidecar {
                     _ = drain.cancelled() => {}
                     _ = stop.cancelled() => {}
                 }
-                crate::shutdown::drain(&engine, grace).await;
+                let deadline = tokio::time::Instant::now() + grace;
+                let drain_window = grace.mul_f64(crate::shutdown::DRAIN_SHARE);
+                if !crate::shutdown::drain(&engine, drain_window).await {
+                    crate::replica::handoff::hand_off(&engine, deadline).await;
+                }
                 engine.consumer.return_all("consumer sidecar shutting down");
                 // Let the settlement streams carry those answers out.
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -2,14 +2,18 @@
 //! UNAVAILABLE "shutting down"), keeps delivering until every store is drained or the grace
 //! period ends, hands deliveries it holds for its own app back to their producers, cancels
 //! every task (one `CancellationToken` shared by all of them), joins them, and syncs the logs.
-//! Messages still undelivered at the end stay in the durable log and are delivered after a
-//! restart (`Disk`/`DiskAsync`); handing them to a peer is not implemented.
+//! The drain gets [`DRAIN_SHARE`] of the grace period; what is still undelivered then is
+//! handed to a live peer (`crate::replica::handoff`) in the rest of it. What no peer takes
+//! stays in the durable log and is delivered after a restart (`Disk`/`DiskAsync`).
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::engine::Engine;
+
+/// Share of the grace period spent draining before the backlog is handed to a peer.
+pub const DRAIN_SHARE: f64 = 0.6;
 
 /// Waits for SIGTERM or SIGINT.
 pub async fn signal() {
@@ -46,10 +50,7 @@ pub async fn drain(engine: &Engine, grace: Duration) -> bool {
             return true;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(
-                ?grace,
-                "grace period over with undelivered backlog; it stays in the log for the next start"
-            );
+            tracing::warn!(?grace, "drain window over with undelivered backlog");
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

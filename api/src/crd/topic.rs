@@ -34,7 +34,7 @@ pub struct TopicSpec {
     /// many messages per fsync (group commit). `DiskAsync`: fsynced on a short interval, so
     /// the last interval's acked messages can be lost on power loss. `Replicated`: also
     /// fsynced on `replicas - 1` peer sidecars, preferring another node, before the ack (as
-    /// Kafka's acks=all; in this release `Replicated` is still stored like `Disk`).
+    /// Kafka's acks=all); if a replica's sidecar is gone for good, it delivers the copies.
     #[serde(default)]
     pub durability: Durability,
 

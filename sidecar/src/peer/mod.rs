@@ -110,6 +110,15 @@ impl PeerPool {
         }
     }
 
+    /// A unary client of the sidecar at `addr` on the pool's connection.
+    pub fn client(&self, addr: &str) -> Option<PeerClient<Channel>> {
+        self.link(addr).map(|l| {
+            PeerClient::new(l.channel.clone())
+                .max_decoding_message_size(PEER_MAX_MESSAGE)
+                .max_encoding_message_size(PEER_MAX_MESSAGE)
+        })
+    }
+
     /// Whether the sidecar at `addr` is believed reachable (unknown peers are).
     pub fn is_live(&self, addr: &str) -> bool {
         self.links

@@ -1,11 +1,15 @@
 //! The `ferry.v1.Peer` service: deliveries from producer sidecars go to this sidecar's
 //! consumer; settlements go back on the producer's newest stream, coalesced into batches.
+//! It also holds replicated copies for other producers and takes custody of messages
+//! handed to it (see `crate::replica`).
 
 use std::sync::Arc;
 
 use ferry_api::proto::v1::peer_server::Peer;
 use ferry_api::proto::v1::{
-    ForwardRequest, ForwardResponse, QueryDeliveryRequest, QueryDeliveryResponse, Settled,
+    ForwardRequest, ForwardResponse, HeldRequest, HeldResponse, QueryDeliveryRequest,
+    QueryDeliveryResponse, ReplicateRequest, ReplicateResponse, Settled, TakeCustodyRequest,
+    TakeCustodyResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,22 +17,36 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::consumer::{Consumer, Incoming, ReplyTo};
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::replica::{custody, from_wire, to_wire};
 
 /// Settlements coalesced into one `ForwardResponse`.
 const SETTLED_BATCH: usize = 4096;
+/// Payload bytes of one `Held` answer.
+const HELD_PAGE_BYTES: usize = 4 << 20;
 
 /// The peer service of one sidecar.
 #[derive(Debug, Clone)]
 pub struct PeerService {
     consumer: Arc<Consumer>,
+    engine: Arc<Engine>,
     stop: CancellationToken,
 }
 
 impl PeerService {
-    /// Serves `consumer` until `stop`.
-    pub fn new(consumer: Arc<Consumer>, stop: CancellationToken) -> Self {
-        Self { consumer, stop }
+    /// Serves `engine` until `stop`.
+    pub fn new(engine: Arc<Engine>, stop: CancellationToken) -> Self {
+        Self {
+            consumer: engine.consumer.clone(),
+            engine,
+            stop,
+        }
     }
+}
+
+fn blocking_failed(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("replica task failed: {e}"))
 }
 
 #[tonic::async_trait]
@@ -109,5 +127,70 @@ impl Peer for PeerService {
         Ok(Response::new(QueryDeliveryResponse {
             state: state as i32,
         }))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<ReplicateRequest>,
+    ) -> Result<Response<ReplicateResponse>, Status> {
+        let r = request.into_inner();
+        if !self.engine.table().topics.contains_key(&r.topic) && !r.copies.is_empty() {
+            return Err(Error::UnknownTopic(r.topic).into());
+        }
+        let replicas = self.engine.replicas.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            let copies = r.copies.into_iter().map(from_wire).collect();
+            replicas.replicate(
+                &r.producer,
+                &r.producer_address,
+                &r.topic,
+                r.incarnation,
+                copies,
+                &r.settled_ids,
+            )
+        })
+        .await
+        .map_err(blocking_failed)??;
+        Ok(Response::new(ReplicateResponse { held }))
+    }
+
+    async fn held(&self, request: Request<HeldRequest>) -> Result<Response<HeldResponse>, Status> {
+        let r = request.into_inner();
+        if r.topic.is_empty() {
+            return Ok(Response::new(HeldResponse::default()));
+        }
+        let replicas = self.engine.replicas.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            replicas.held(
+                &r.producer,
+                &r.topic,
+                r.exclude_incarnation,
+                r.from,
+                HELD_PAGE_BYTES,
+            )
+        })
+        .await
+        .map_err(blocking_failed)??;
+        Ok(Response::new(HeldResponse {
+            copies: page.copies.iter().map(|(_, m)| to_wire(m)).collect(),
+            next: page.next,
+            more: page.more,
+        }))
+    }
+
+    async fn take_custody(
+        &self,
+        request: Request<TakeCustodyRequest>,
+    ) -> Result<Response<TakeCustodyResponse>, Status> {
+        let r = request.into_inner();
+        if self.engine.draining() {
+            return Err(Error::ShuttingDown("custody of messages").into());
+        }
+        if !self.engine.table().topics.contains_key(&r.topic) {
+            return Err(Error::UnknownTopic(r.topic).into());
+        }
+        let messages = r.messages.into_iter().map(from_wire).collect();
+        let stored = custody::take_custody(&self.engine, &r.topic, &r.from, messages).await?;
+        Ok(Response::new(TakeCustodyResponse { stored }))
     }
 }

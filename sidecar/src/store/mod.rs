@@ -12,9 +12,11 @@
 //! - `dedup.rs`: the producer-side dedup window.
 //! - `dedup_journal.rs`: the file that makes the dedup window survive a restart.
 //! - `tail.rs`: the newest records kept in memory for dispatchers that keep up.
+//! - `settled_index.rs`: ids of a `Replicated` topic's unsettled records, for the replicas.
 
 pub mod dedup;
 pub mod dedup_journal;
+mod settled_index;
 mod tail;
 #[cfg(test)]
 mod tests;
@@ -42,6 +44,9 @@ pub struct AppendItem {
     pub message: StoredMessage,
     /// Fired once every subscription settled the message (ack level `DELIVERED`).
     pub delivered: Option<oneshot::Sender<()>>,
+    /// Stored even if its id is in the dedup window: a producer re-learning messages it
+    /// lost cannot trust a window that may name records the log no longer has.
+    pub bypass_dedup: bool,
 }
 
 /// What happened to one appended message.
@@ -110,7 +115,17 @@ pub(crate) enum Command {
         reply: oneshot::Sender<u64>,
     },
     Flush(oneshot::Sender<Result<(), Error>>),
+    /// Which of these ids the log holds unsettled (`Replicated` topics only; others answer
+    /// all false).
+    Holds {
+        ids: Vec<String>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
 }
+
+/// Where a `Replicated` topic's store reports ids that every subscription settled, as
+/// `(topic, ids)`, so that the replicator tells the replicas to drop their copies.
+pub type SettledIds = tokio::sync::mpsc::UnboundedSender<(String, Vec<String>)>;
 
 /// Settings of a store that do not come from the topic entry.
 #[derive(Debug, Clone)]
@@ -119,6 +134,8 @@ pub struct StoreOptions {
     /// Counts every fsync of the log (`ferry_sidecar_fsyncs_total{topic}`), so that group
     /// commit can be seen working: fsyncs per second against messages per second.
     pub fsyncs: Counter,
+    /// For `Replicated` topics: where settled ids go (see [`SettledIds`]).
+    pub settled_ids: Option<SettledIds>,
 }
 
 /// Handle to one topic's store thread. Cheap to share (`Arc`).
@@ -296,6 +313,35 @@ impl TopicStore {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Flush(reply))?;
         rx.await.map_err(|_| self.stopped())?
+    }
+
+    /// Which of `ids` the log holds unsettled (`Replicated` topics; others: none).
+    pub async fn holds(&self, ids: Vec<String>) -> Result<Vec<bool>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Holds { ids, reply })?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// Every record some subscription in `subscriptions` has not settled, in offset order
+    /// (what a stopping sidecar hands to a peer).
+    pub async fn unsettled(
+        &self,
+        subscriptions: &[Arc<str>],
+    ) -> Result<Vec<(Offset, StoredMessage)>, Error> {
+        let mut all = std::collections::BTreeMap::new();
+        let written = *self.written.borrow();
+        for sub in subscriptions {
+            let mut from = self.cursor(sub.clone()).await?.unwrap_or(0);
+            while from < written {
+                let batch = self.read(sub.clone(), from, 1024).await?;
+                if batch.next <= from {
+                    break;
+                }
+                from = batch.next;
+                all.extend(batch.records);
+            }
+        }
+        Ok(all.into_iter().collect())
     }
 
     /// Watches the offset below which records may be delivered.

@@ -18,6 +18,7 @@ fn entry(durability: Durability) -> TopicEntry {
 
 fn opts() -> StoreOptions {
     StoreOptions {
+        settled_ids: None,
         async_sync_interval: Duration::from_millis(5),
         fsyncs: Default::default(),
     }
@@ -28,6 +29,7 @@ fn items(ids: &[u64]) -> Vec<AppendItem> {
         .map(|i| AppendItem {
             message: msg(*i),
             delivered: None,
+            bypass_dedup: false,
         })
         .collect()
 }
@@ -100,6 +102,7 @@ async fn delivered_waiter_fires_when_every_subscription_settled() {
         .append(vec![AppendItem {
             message: msg(1),
             delivered: Some(tx),
+            bypass_dedup: false,
         }])
         .unwrap()
         .await
@@ -156,10 +159,68 @@ async fn ordered_topics_number_messages_per_key() {
         m.push(AppendItem {
             message: x,
             delivered: None,
+            bypass_dedup: false,
         });
     }
     s.append(m).unwrap().await.unwrap().unwrap();
     let batch = s.read(Arc::from("ns/x"), 0, 10).await.unwrap();
     let seqs: Vec<u64> = batch.records.iter().map(|(_, m)| m.key_sequence).collect();
     assert_eq!(seqs, vec![1, 1, 2, 3]);
+}
+
+#[tokio::test]
+async fn replicated_store_reports_settled_ids_and_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut o = opts();
+    o.settled_ids = Some(tx);
+    let s = TopicStore::open(&entry(Durability::Replicated), dir.path(), &o).unwrap();
+    s.set_subscriptions(vec!["ns/a".into(), "ns/b".into()]);
+    append(&s, &[0, 1, 2]).await.unwrap();
+    let held = s.holds(vec![msg(0).id, msg(9).id]).await.unwrap();
+    assert_eq!(held, [true, false]);
+
+    // Offset 2 settled by both (out of order), offset 0 by one only: only 2 is reported.
+    let settle = |o: u64, sub: &str| (Arc::<str>::from(sub), o, Settlement::Acked);
+    s.settle(vec![
+        settle(2, "ns/a"),
+        settle(2, "ns/b"),
+        settle(0, "ns/a"),
+    ]);
+    s.flush().await.unwrap();
+    let (topic, ids) = rx.recv().await.unwrap();
+    assert_eq!((topic.as_str(), ids), ("ns/t", vec![msg(2).id]));
+    // Offset 0 completes: reported once acknowledged passes it.
+    s.settle(vec![settle(0, "ns/b")]);
+    s.flush().await.unwrap();
+    let (_, ids) = rx.recv().await.unwrap();
+    assert_eq!(ids, [msg(0).id]);
+    assert_eq!(
+        s.holds(vec![msg(0).id, msg(1).id, msg(2).id])
+            .await
+            .unwrap(),
+        [false, true, false]
+    );
+
+    // After a restart the index is rebuilt from the log: only 1 is still unsettled.
+    s.close().await;
+    drop(s);
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    o.settled_ids = Some(tx);
+    let s = TopicStore::open(&entry(Durability::Replicated), dir.path(), &o).unwrap();
+    assert_eq!(
+        s.holds(vec![msg(0).id, msg(1).id]).await.unwrap(),
+        [false, true]
+    );
+}
+
+#[tokio::test]
+async fn bypassing_dedup_stores_a_remembered_id_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TopicStore::open(&entry(Durability::Disk), dir.path(), &opts()).unwrap();
+    append(&s, &[1]).await.unwrap();
+    let mut again = items(&[1]);
+    again[0].bypass_dedup = true;
+    let out = s.append(again).unwrap().await.unwrap().unwrap();
+    assert_eq!(out, [AppendOutcome::Stored(1)]);
 }

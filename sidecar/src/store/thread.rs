@@ -11,6 +11,7 @@ use ferry_api::routing::TopicEntry;
 use tokio::sync::{oneshot, watch};
 
 use super::dedup::DedupWindow;
+use super::settled_index::SettledIndex;
 use super::tail::Tail;
 use super::{AppendItem, AppendOutcome, Command, ReadBatch, StoreOptions, StoreStats};
 use crate::error::Error;
@@ -44,6 +45,8 @@ pub(super) struct StoreThread {
     fsyncs: prometheus_client::metrics::counter::Counter,
     /// Newest records, for reads that keep up (disk topics only).
     tail: Option<Tail>,
+    /// `Replicated` topics: unsettled ids, reported to the replicator once settled.
+    settled_index: Option<SettledIndex>,
 }
 
 impl StoreThread {
@@ -73,7 +76,9 @@ impl StoreThread {
             last_compact: Instant::now(),
             fsyncs: options.fsyncs.clone(),
             tail: (entry.durability != Durability::Memory).then(Tail::default),
+            settled_index: None,
         };
+        s.settled_index = SettledIndex::for_topic(entry, s.log.as_ref(), options);
         if s.ordered {
             s.rebuild_key_sequences();
         }
@@ -133,11 +138,15 @@ impl StoreThread {
         let mut appends = Vec::new();
         let mut later = Vec::new();
         let mut settled_any = false;
+        let mut touched = Vec::new();
         for c in round.drain(..) {
             match c {
                 Command::Append { items, reply } => appends.push((items, reply)),
                 Command::Settle(items) => {
                     settled_any |= !items.is_empty();
+                    if self.settled_index.is_some() {
+                        touched.extend(items.iter().map(|(_, o, _)| *o));
+                    }
                     self.settle(items);
                 }
                 Command::SetSubscriptions(subs) => {
@@ -156,7 +165,10 @@ impl StoreThread {
         let (reads, later): (Vec<Command>, Vec<Command>) = later.into_iter().partition(|c| {
             matches!(
                 c,
-                Command::Read { .. } | Command::Cursor { .. } | Command::Unsettled { .. }
+                Command::Read { .. }
+                    | Command::Cursor { .. }
+                    | Command::Unsettled { .. }
+                    | Command::Holds { .. }
             )
         });
         for c in reads {
@@ -229,6 +241,9 @@ impl StoreThread {
         }
         if settled_any {
             self.publish_stats();
+            if let Some(index) = &mut self.settled_index {
+                index.settled(self.log.as_ref(), &self.subscriptions, &touched);
+            }
         }
     }
 
@@ -259,6 +274,10 @@ impl StoreThread {
                     .filter(|o| !self.log.is_settled(&subscription, *o))
                     .count();
                 let _ = reply.send(n as u64);
+            }
+            Command::Holds { ids, reply } => {
+                let index = self.settled_index.as_ref();
+                let _ = reply.send(index.map_or_else(|| vec![false; ids.len()], |i| i.holds(&ids)));
             }
             Command::Append { .. }
             | Command::Settle(_)
@@ -310,7 +329,7 @@ impl StoreThread {
             let mut waiters = Vec::new();
             for item in items {
                 let offset = base + batch.len() as u64;
-                if dedup {
+                if dedup && !item.bypass_dedup {
                     let id = &item.message.id;
                     let seen = round_ids
                         .get(id)
@@ -352,6 +371,9 @@ impl StoreThread {
         match self.log.append(&batch) {
             Ok(range) if range.start == base => {
                 self.dirty = true;
+                if let Some(index) = &mut self.settled_index {
+                    index.appended(base, batch.iter().map(|m| m.id.as_str()));
+                }
                 if let Some(tail) = &mut self.tail {
                     tail.extend(base, batch);
                 }

@@ -370,6 +370,9 @@ impl Dispatcher {
             {
                 self.by_key.entry(k.clone()).or_default().insert(offset);
             }
+            // Messages whose custody moved here may have reached the app already.
+            let recovered =
+                offset < self.store.recovered || crate::replica::moved_custody(&message);
             self.entries.insert(
                 offset,
                 Entry {
@@ -377,7 +380,7 @@ impl Dispatcher {
                     copies: Vec::new(),
                     not_before,
                     expires,
-                    recovered: offset < self.store.recovered,
+                    recovered,
                 },
             );
             self.ready.insert(offset);

@@ -161,5 +161,7 @@ pub fn peer_message(m: &StoredMessage) -> PeerMessage {
         publish_time_ms: m.publish_time_ms,
         key_sequence: m.key_sequence,
         ttl_ms: m.ttl_ms,
+        // The producer applies the delay before forwarding.
+        delay_ms: 0,
     }
 }

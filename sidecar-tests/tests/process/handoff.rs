@@ -1,0 +1,164 @@
+//! Issue item "handoff on pod stop": SIGTERM to a producer's sidecar whose backlog cannot
+//! drain (no consuming app is up). After the drain window it hands the backlog to a live
+//! peer, which stores it before answering, and exits 0; a consumer that starts after the
+//! producer is gone receives everything from that peer. Prints its history counts.
+
+use std::time::Duration;
+
+use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer};
+use ferry_sidecar_tests::history::{Expect, History};
+use tokio::time::Instant;
+
+use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
+    let crs = [
+        topic("orders", "durability: Disk"),
+        group("billing", "billing", ""),
+        subscription("billing-orders", "orders", "billing", "maxInFlight: 10"),
+    ]
+    .concat();
+    let pods = [
+        pod("billing-a", "zone-a", "billing"),
+        pod("producer", "zone-a", ""),
+    ]
+    .concat();
+    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let history = History::default();
+
+    let mut app = mesh.app("producer").await?;
+    for i in 0..300 {
+        let id = format!("handoff-{i}");
+        publish(
+            &mut app,
+            &history,
+            "producer",
+            "default/orders",
+            &id,
+            None,
+            vec![b'h'; 256],
+        )
+        .await?;
+    }
+    drop(app);
+
+    // No app consumes: the drain cannot finish, so the backlog must move.
+    let clean = mesh
+        .mesh
+        .terminate("producer", Duration::from_secs(15))
+        .await?;
+    assert!(clean, "the producer's sidecar did not exit 0 by itself");
+
+    spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        &history,
+        Behavior::Ack,
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+    let expect = [Expect::AnyMember {
+        group: "billing".into(),
+        topic: "default/orders".into(),
+        check_order: false,
+    }];
+    let c = drain(
+        &history,
+        &expect,
+        Duration::from_secs(60),
+        "sigterm_handoff",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    // The deliveries in flight when the handoff started were queued for the app by
+    // billing-a's sidecar and are handed off too: at most maxInFlight x 1 member, each
+    // followed by the new holder's delivery with attempt >= 2.
+    assert!(c.duplicated <= 10, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    Ok(())
+}
+
+/// The same for a `Replicated` topic, as when its pod is deleted: the producer hands its
+/// backlog off, tells its replica that it holds those ids settled, exits, and its member
+/// record is removed. The replica finds nothing left to take over (so no second copy is
+/// delivered by a takeover), and consumers that start later get everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_replicated_backlog_off_and_trims_its_replica() -> anyhow::Result<()> {
+    let crs = [
+        topic("orders", "durability: Replicated, replicas: 2"),
+        group("billing", "billing", ""),
+        group("senders", "senders", ""),
+        subscription("billing-orders", "orders", "billing", "maxInFlight: 10"),
+    ]
+    .concat();
+    let pods = [
+        pod("producer", "zone-a", "senders"),
+        pod("billing-a", "zone-a", "billing"),
+        pod("billing-b", "zone-b", "billing"),
+    ]
+    .concat();
+    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let history = History::default();
+    let mut app = mesh.app("producer").await?;
+    for i in 0..200 {
+        let id = format!("replicated-handoff-{i}");
+        publish(
+            &mut app,
+            &history,
+            "producer",
+            "default/orders",
+            &id,
+            None,
+            vec![b'h'; 256],
+        )
+        .await?;
+    }
+    drop(app);
+
+    let clean = mesh
+        .mesh
+        .terminate("producer", Duration::from_secs(15))
+        .await?;
+    assert!(clean, "the producer's sidecar did not exit 0 by itself");
+    mesh.remove_member("producer")?;
+
+    for member in ["billing-a", "billing-b"] {
+        spawn_consumer(
+            &mesh.app_addr(member)?,
+            "default/billing-orders",
+            "billing",
+            member,
+            &history,
+            Behavior::Ack,
+            Instant::now() + RUN_LIMIT,
+        )
+        .await?;
+    }
+    let expect = [Expect::AnyMember {
+        group: "billing".into(),
+        topic: "default/orders".into(),
+        check_order: false,
+    }];
+    let c = drain(
+        &history,
+        &expect,
+        Duration::from_secs(60),
+        "sigterm_handoff_replicated",
+    )
+    .await?;
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    // In flight at the handoff: at most maxInFlight x 2 members.
+    assert!(c.duplicated <= 20, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    for p in ["billing-a", "billing-b"] {
+        let took = mesh.log_lines(p, "took custody of")?;
+        assert!(
+            took.is_empty(),
+            "{p} took over copies the handoff had trimmed: {took:?}"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! `durability: Replicated`, custody takeover and the SIGTERM handoff.
+//!
+//! - **Copies** (`replicator.rs`, producer side): a publish to a `Replicated` topic is
+//!   acked only after the local fsync and then `replicas - 1` replicas answered that their
+//!   copy is fsynced (copies are made of what the local log stored, so a replica never
+//!   holds an id that the producer refused). Replicas are chosen by `choose.rs`: another
+//!   node first, then another zone, in an order fixed per producer (rendezvous hashing), so
+//!   a restarted producer finds them again. A replica that does not answer within
+//!   [`replicator::REPLICATE_TIMEOUT`] is passed over for the next candidate; if fewer than
+//!   `replicas - 1` answer, the publish fails with UNAVAILABLE naming how many did (as
+//!   Kafka's `min.insync.replicas` with `acks=all`). The message stays in the local log and
+//!   may still be delivered: the client saw no ack, so it is an "attempted" publish.
+//! - **Trims**: when every subscription settled a message, the producer's store reports its
+//!   id (`store/settled_index.rs`) and the replicator tells the replicas to drop copies with
+//!   that id. A producer only ever names ids it holds settled; it never tells a replica to
+//!   drop anything else (no "truncate to offset", no "forget me").
+//! - **Replica storage** (`holder.rs`): one `DiskLog` per (producer, topic) under
+//!   `<data-dir>/replicas/`, fsynced before a `Replicate` is answered.
+//! - **Takeover** (`takeover.rs`, replica side): a replica takes custody of a producer's
+//!   copies when the producer does not answer a probe and either its member record left
+//!   the routing table (after this replica saw it there) or it has not answered for
+//!   `--replica-takeover-after` (default 60 s). Custody means the copies are appended to the
+//!   replica's own log of the topic and delivered by its dispatchers like its own messages.
+//!   Two replicas of one producer (`replicas: 3`) may both take over: each copy is then
+//!   delivered up to `replicas - 1` times, every time after the first with attempt >= 2.
+//! - **Re-learn** (`replicator.rs`): a producer that starts asks every sidecar what it holds
+//!   for it from earlier starts; copies whose id its own log does not hold unsettled (it lost
+//!   them, or it settled them and the trim was lost) are appended to its log again. Nothing
+//!   is dropped at the replica until the producer holds the id settled.
+//! - **Handoff** (`handoff.rs`): on SIGTERM, after the drain window, the backlog still
+//!   undelivered is sent with `TakeCustody` to a live peer, which stores it durably before
+//!   answering; only then does the stopping sidecar settle it locally.
+//!
+//! Every custody move goes through [`custody::take_custody`]: messages are stored with the
+//! header [`CUSTODY_HEADER`] naming where they came from, and their first delivery by the
+//! new holder is numbered attempt 2, like a redelivery after a restart.
+//!
+//! Duplicates these moves can cause, and their bound: a takeover or re-learn redelivers
+//! the messages whose trims had not reached the replica (those acked in the last trim
+//! interval, [`replicator::TRIM_EVERY`]; those acked out of order above the oldest
+//! unsettled one; and those acked while the replica was unreachable, whose trims wait in
+//! the producer's memory and die with it) and the deliveries in flight when the producer
+//! died (at most `maxInFlight` x members per subscription: the consuming sidecars still
+//! hand them to their apps). A takeover of a producer that was only partitioned, not dead,
+//! duplicates at most the copies taken over. A handoff duplicates at most the deliveries in
+//! flight when it starts. Each such delivery after the first carries attempt >= 2. The
+//! consuming side's `ExactlyOnce` memory is keyed by producer and offset, so it does not
+//! suppress a new holder's redelivery: `ExactlyOnce` subscriptions see these duplicates
+//! too.
+//!
+//! Not covered: `Held` and `TakeCustody` trust the calling peer's word for its identity
+//! until peer mTLS exists; a copy read back from a replica with a bad CRC is reported by
+//! the log like any corrupt record (no refetch from another replica yet).
+
+pub mod choose;
+pub mod custody;
+pub mod handoff;
+pub mod holder;
+pub mod replicator;
+pub mod takeover;
+
+use ferry_api::proto::v1::PeerMessage;
+
+use crate::log::StoredMessage;
+use crate::store::AppendOutcome;
+
+/// Header of a message whose custody moved: the producer id (`namespace/pod`) it came from.
+pub const CUSTODY_HEADER: &str = "ferry-custody-from";
+
+/// The wire form of a stored message, delay included (copies and custody transfers).
+pub fn to_wire(m: &StoredMessage) -> PeerMessage {
+    PeerMessage {
+        id: m.id.clone(),
+        key: m.key.clone(),
+        headers: m.headers.iter().cloned().collect(),
+        payload: m.payload.clone(),
+        publish_time_ms: m.publish_time_ms,
+        key_sequence: m.key_sequence,
+        ttl_ms: m.ttl_ms,
+        delay_ms: m.delay_ms,
+    }
+}
+
+/// A stored message from its wire form (headers sorted, as the publish path stores them).
+pub fn from_wire(m: PeerMessage) -> StoredMessage {
+    let mut headers: Vec<(String, String)> = m.headers.into_iter().collect();
+    headers.sort();
+    StoredMessage {
+        id: m.id,
+        key: m.key,
+        headers,
+        payload: m.payload,
+        publish_time_ms: m.publish_time_ms,
+        key_sequence: 0,
+        ttl_ms: m.ttl_ms,
+        delay_ms: m.delay_ms,
+    }
+}
+
+/// Whether a message came to this sidecar by a custody move.
+pub fn moved_custody(m: &StoredMessage) -> bool {
+    m.headers.iter().any(|(k, _)| k == CUSTODY_HEADER)
+}
+
+/// The messages of a batch that the log stored (not duplicates), in order.
+pub fn newly_stored(messages: &[StoredMessage], outcomes: &[AppendOutcome]) -> Vec<StoredMessage> {
+    messages
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| matches!(o, AppendOutcome::Stored(_)))
+        .map(|(m, _)| m.clone())
+        .collect()
+}
