@@ -28,6 +28,7 @@ pub mod binaries;
 pub mod control_plane;
 pub mod crds;
 pub mod e2e;
+pub mod http;
 pub mod netns;
 pub mod tools;
 pub mod toxic_proxy;

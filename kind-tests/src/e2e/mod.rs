@@ -10,8 +10,9 @@
 mod apps;
 mod pods;
 
+pub use crate::http::http_get;
 pub use apps::AppProcess;
-pub use pods::{E2ePod, http_get};
+pub use pods::E2ePod;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

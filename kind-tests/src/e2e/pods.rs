@@ -1,16 +1,16 @@
 //! Pods of an [`E2e`] world: a network namespace, a Pod object whose status the test sets
 //! as a kubelet would, and a sidecar process; and the group members the operator derives.
 
+use crate::http::http_get;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
 
 use super::{CONVERGE, E2e};
@@ -236,28 +236,4 @@ impl E2e {
         .await
         .with_context(|| format!("members of {group} become {expected:?}"))
     }
-}
-
-/// `GET path` over plain HTTP/1.1: (status code, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-            .await
-            .context("connect timed out")??;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: e2e\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .context("reading the HTTP response")??;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status line in {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }

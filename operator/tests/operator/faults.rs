@@ -3,7 +3,6 @@
 //! private control plane, and reading counters off `/metrics`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -13,7 +12,6 @@ use ferry_kind_tests::{CRDS_DIR, ControlPlane, wait_for_value};
 use ferry_operator::etcd::EtcdStore;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use crate::support::World;
@@ -216,26 +214,7 @@ impl RoutingEtcd {
     }
 }
 
-/// `GET path` over plain HTTP/1.1: (status code, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .context("reading the HTTP response")??;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status line in {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+pub use ferry_kind_tests::http::http_get;
 
 /// The sum of the samples of metric `name` (exact name, before `{` or the value) whose
 /// labels contain every one of `labels` (e.g. `reason="etcd"`).

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer};
 use ferry_sidecar_tests::history::{Counts, Expect, History};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// A Topic document; `spec` is a YAML flow mapping's inside, e.g. `durability: Disk`.
 pub fn topic(name: &str, spec: &str) -> String {
@@ -55,4 +58,78 @@ pub async fn drain(
     let counts = history.check(expect);
     println!("{test}: history {counts}");
     result.map(|()| counts)
+}
+
+/// The mesh most process tests start from, all in zone-a: the Topic `orders`
+/// (`topic_spec`), the group `billing` with one member `billing-a`, the Subscription
+/// `billing-orders` (`subscription_spec`), and a `producer` pod in no group.
+pub async fn orders_mesh(topic_spec: &str, subscription_spec: &str) -> anyhow::Result<TestMesh> {
+    let crs = [
+        topic("orders", topic_spec),
+        group("billing", "billing", ""),
+        subscription("billing-orders", "orders", "billing", subscription_spec),
+    ]
+    .concat();
+    let pods = [
+        pod("billing-a", "zone-a", "billing"),
+        pod("producer", "zone-a", ""),
+    ]
+    .concat();
+    TestMesh::start(&crs, &pods).await
+}
+
+/// Publishes one message per id to `default/orders` from the `producer` pod, each acked
+/// before the next, all with `payload`.
+pub async fn publish_orders(
+    mesh: &TestMesh,
+    history: &History,
+    ids: impl IntoIterator<Item = String>,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let mut app = mesh.app("producer").await?;
+    for id in ids {
+        publish(
+            &mut app,
+            history,
+            "producer",
+            "default/orders",
+            &id,
+            None,
+            payload.to_vec(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Starts the `billing-a` app of [`orders_mesh`]: it consumes `default/billing-orders` and
+/// acks everything, for at most [`RUN_LIMIT`].
+pub async fn billing_consumer(
+    mesh: &TestMesh,
+    history: &History,
+) -> anyhow::Result<JoinHandle<anyhow::Result<u64>>> {
+    spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        history,
+        Behavior::Ack,
+        Instant::now() + RUN_LIMIT,
+    )
+    .await
+}
+
+/// [`drain`] for [`orders_mesh`]: every acked order reaches the `billing` group once.
+pub async fn drain_orders(
+    history: &History,
+    timeout: Duration,
+    test: &str,
+) -> anyhow::Result<Counts> {
+    let expect = [Expect::AnyMember {
+        group: "billing".into(),
+        topic: "default/orders".into(),
+        check_order: false,
+    }];
+    drain(history, &expect, timeout, test).await
 }

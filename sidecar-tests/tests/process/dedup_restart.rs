@@ -7,26 +7,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferry_sidecar_tests::harness::{TestMesh, wait_for};
+use ferry_sidecar_tests::harness::wait_for;
 use ferry_sidecar_tests::history::{Expect, History};
 
-use super::common::{drain, group, pod, subscription, topic};
+use super::common::{drain, orders_mesh};
 use super::durable_app::{publish_with, reconnecting_consumer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dedup_window_survives_producer_kill9() -> anyhow::Result<()> {
-    let crs = [
-        topic("orders", "durability: Disk, dedupWindow: 2m"),
-        group("billing", "billing", ""),
-        subscription("billing-orders", "orders", "billing", "ackWait: 5s"),
-    ]
-    .concat();
-    let pods = [
-        pod("billing-a", "zone-a", "billing"),
-        pod("producer", "zone-a", ""),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let mut mesh = orders_mesh("durability: Disk, dedupWindow: 2m", "ackWait: 5s").await?;
     let history = History::default();
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = reconnecting_consumer(

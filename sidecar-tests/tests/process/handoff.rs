@@ -6,42 +6,24 @@
 use std::time::Duration;
 
 use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer};
-use ferry_sidecar_tests::history::{Expect, History};
+use ferry_sidecar_tests::history::History;
 use tokio::time::Instant;
 
-use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
+use super::common::{RUN_LIMIT, group, orders_mesh, pod, publish_orders, subscription, topic};
+use super::common::{billing_consumer, drain_orders};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
-    let crs = [
-        topic("orders", "durability: Disk"),
-        group("billing", "billing", ""),
-        subscription("billing-orders", "orders", "billing", "maxInFlight: 10"),
-    ]
-    .concat();
-    let pods = [
-        pod("billing-a", "zone-a", "billing"),
-        pod("producer", "zone-a", ""),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let mut mesh = orders_mesh("durability: Disk", "maxInFlight: 10").await?;
     let history = History::default();
 
-    let mut app = mesh.app("producer").await?;
-    for i in 0..300 {
-        let id = format!("handoff-{i}");
-        publish(
-            &mut app,
-            &history,
-            "producer",
-            "default/orders",
-            &id,
-            None,
-            vec![b'h'; 256],
-        )
-        .await?;
-    }
-    drop(app);
+    publish_orders(
+        &mesh,
+        &history,
+        (0..300).map(|i| format!("handoff-{i}")),
+        &[b'h'; 256],
+    )
+    .await?;
 
     // No app consumes: the drain cannot finish, so the backlog must move.
     let clean = mesh
@@ -50,28 +32,8 @@ async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
         .await?;
     assert!(clean, "the producer's sidecar did not exit 0 by itself");
 
-    spawn_consumer(
-        &mesh.app_addr("billing-a")?,
-        "default/billing-orders",
-        "billing",
-        "billing-a",
-        &history,
-        Behavior::Ack,
-        Instant::now() + RUN_LIMIT,
-    )
-    .await?;
-    let expect = [Expect::AnyMember {
-        group: "billing".into(),
-        topic: "default/orders".into(),
-        check_order: false,
-    }];
-    let c = drain(
-        &history,
-        &expect,
-        Duration::from_secs(60),
-        "sigterm_handoff",
-    )
-    .await?;
+    billing_consumer(&mesh, &history).await?;
+    let c = drain_orders(&history, Duration::from_secs(60), "sigterm_handoff").await?;
     assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
     // The deliveries in flight when the handoff started were queued for the app by
     // billing-a's sidecar and are handed off too: at most maxInFlight x 1 member, each
@@ -137,14 +99,8 @@ async fn sigterm_hands_replicated_backlog_off_and_trims_its_replica() -> anyhow:
         )
         .await?;
     }
-    let expect = [Expect::AnyMember {
-        group: "billing".into(),
-        topic: "default/orders".into(),
-        check_order: false,
-    }];
-    let c = drain(
+    let c = drain_orders(
         &history,
-        &expect,
         Duration::from_secs(60),
         "sigterm_handoff_replicated",
     )

@@ -5,46 +5,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferry_sidecar_tests::harness::{
-    Behavior, TestMesh, logged_redeliveries, publish, seeded_rng, spawn_consumer, wait_for,
-};
-use ferry_sidecar_tests::history::{Expect, History};
+use ferry_sidecar_tests::harness::{logged_redeliveries, publish, seeded_rng, wait_for};
+use ferry_sidecar_tests::history::History;
 use rand::Rng;
-use tokio::time::Instant;
 
-use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
+use super::common::orders_mesh;
+use super::common::{billing_consumer, drain_orders};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn producer_sidecar_kill9_loses_no_acked_message() -> anyhow::Result<()> {
     let mut rng = seeded_rng("producer_sidecar_kill9_loses_no_acked_message");
-    let crs = [
-        topic("orders", "durability: Disk"),
-        group("billing", "billing", ""),
-        subscription(
-            "billing-orders",
-            "orders",
-            "billing",
-            "ackWait: 5s, backoff: {initial: 100ms, max: 1s, multiplier: 2}",
-        ),
-    ]
-    .concat();
-    let pods = [
-        pod("billing-a", "zone-a", "billing"),
-        pod("producer", "zone-a", ""),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &pods).await?;
-    let history = History::default();
-    let consumer = spawn_consumer(
-        &mesh.app_addr("billing-a")?,
-        "default/billing-orders",
-        "billing",
-        "billing-a",
-        &history,
-        Behavior::Ack,
-        Instant::now() + RUN_LIMIT,
+    let mut mesh = orders_mesh(
+        "durability: Disk",
+        "ackWait: 5s, backoff: {initial: 100ms, max: 1s, multiplier: 2}",
     )
     .await?;
+    let history = History::default();
+    let consumer = billing_consumer(&mesh, &history).await?;
 
     // Four publishers that keep going (reconnecting) until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -111,18 +88,7 @@ async fn producer_sidecar_kill9_loses_no_acked_message() -> anyhow::Result<()> {
     for p in publishers {
         let _ = p.await;
     }
-    let expect = [Expect::AnyMember {
-        group: "billing".into(),
-        topic: "default/orders".into(),
-        check_order: false,
-    }];
-    let c = drain(
-        &history,
-        &expect,
-        Duration::from_secs(60),
-        "producer_sidecar_kill9",
-    )
-    .await?;
+    let c = drain_orders(&history, Duration::from_secs(60), "producer_sidecar_kill9").await?;
     assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
     // Duplicates are allowed (a kill between the consumer's ack and the producer's record
     // of it) but bounded by the in-flight window per kill: maxInFlight 100 x 1 member.

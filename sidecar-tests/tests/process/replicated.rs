@@ -19,6 +19,7 @@ use ferry_sidecar_tests::history::{Expect, History};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
+use super::common::billing_consumer;
 use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
 
 const TOPIC: &str = "default/orders";
@@ -316,16 +317,7 @@ async fn replicated_publish_refused_without_replicas() -> anyhow::Result<()> {
         acked,
         "publishing did not resume after the replica came back"
     );
-    spawn_consumer(
-        &mesh.app_addr("billing-a")?,
-        "default/billing-orders",
-        "billing",
-        "billing-a",
-        &history,
-        Behavior::Ack,
-        Instant::now() + RUN_LIMIT,
-    )
-    .await?;
+    billing_consumer(&mesh, &history).await?;
     let c = drain(
         &history,
         &expect(),

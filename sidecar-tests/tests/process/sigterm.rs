@@ -6,28 +6,18 @@
 use std::time::Duration;
 
 use ferry_api::proto::v1::PublishRequest;
-use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer};
-use ferry_sidecar_tests::history::{Expect, History};
+use ferry_sidecar_tests::harness::publish;
+use ferry_sidecar_tests::history::History;
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
+use super::common::orders_mesh;
+use super::common::{billing_consumer, drain_orders};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_sigterm_refuses_publishes_and_drains_its_backlog() -> anyhow::Result<()> {
-    let crs = [
-        topic("orders", "durability: Disk"),
-        group("billing", "billing", ""),
-        subscription("billing-orders", "orders", "billing", ""),
-    ]
-    .concat();
-    let pods = [
-        pod("billing-a", "zone-a", "billing"),
-        pod("producer", "zone-a", ""),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let mut mesh = orders_mesh("durability: Disk", "").await?;
     let history = History::default();
 
     // A backlog: 300 acked publishes while no app consumes.
@@ -47,16 +37,7 @@ async fn producer_sigterm_refuses_publishes_and_drains_its_backlog() -> anyhow::
     }
 
     // The consuming app starts, and at once the producer's sidecar is told to stop.
-    let consumer = spawn_consumer(
-        &mesh.app_addr("billing-a")?,
-        "default/billing-orders",
-        "billing",
-        "billing-a",
-        &history,
-        Behavior::Ack,
-        Instant::now() + RUN_LIMIT,
-    )
-    .await?;
+    let consumer = billing_consumer(&mesh, &history).await?;
     mesh.mesh.process("producer")?.signal(Signal::SIGTERM)?;
     let sent = Instant::now();
 
@@ -103,18 +84,7 @@ async fn producer_sigterm_refuses_publishes_and_drains_its_backlog() -> anyhow::
     assert!(clean, "the producer's sidecar did not exit 0 by itself");
 
     // Everything acked reached the consuming app before the exit: nothing waits on disk.
-    let expect = [Expect::AnyMember {
-        group: "billing".into(),
-        topic: "default/orders".into(),
-        check_order: false,
-    }];
-    let c = drain(
-        &history,
-        &expect,
-        Duration::from_secs(5),
-        "producer_sigterm",
-    )
-    .await?;
+    let c = drain_orders(&history, Duration::from_secs(5), "producer_sigterm").await?;
     assert_eq!((c.lost, c.unexpected, c.duplicated), (0, 0, 0), "{c}");
     consumer.abort();
     Ok(())

@@ -6,14 +6,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_sidecar_tests::harness::{
-    Behavior, TestMesh, logged_redeliveries, publish, seeded_rng, spawn_consumer, wait_for,
-};
+use ferry_sidecar_tests::harness::{logged_redeliveries, seeded_rng, wait_for};
 use ferry_sidecar_tests::history::{Expect, History};
 use rand::{Rng, RngCore};
-use tokio::time::Instant;
 
-use super::common::{RUN_LIMIT, drain, group, pod, subscription, topic};
+use super::common::billing_consumer;
+use super::common::{drain, orders_mesh, publish_orders};
 
 /// The segment file with the highest base offset under `dir` (`<20 digits>.log`).
 fn last_segment(dir: &Path) -> Option<PathBuf> {
@@ -41,38 +39,15 @@ fn last_segment(dir: &Path) -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn torn_tail_is_truncated_and_acked_records_survive() -> anyhow::Result<()> {
     let mut rng = seeded_rng("torn_tail_is_truncated_and_acked_records_survive");
-    let crs = [
-        topic("orders", "durability: Disk"),
-        group("billing", "billing", ""),
-        subscription("billing-orders", "orders", "billing", ""),
-    ]
-    .concat();
-    let pods = [
-        pod("billing-a", "zone-a", "billing"),
-        pod("producer", "zone-a", ""),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let mut mesh = orders_mesh("durability: Disk", "").await?;
     let history = History::default();
     let data_dir = mesh.mesh.spec("producer")?.data_dir.clone();
     let mut published = 0;
     for (round, damage) in ["random garbage", "zero-filled block"].iter().enumerate() {
         // No consumer yet: the acked messages stay in the producer's log.
-        let mut app = mesh.app("producer").await?;
-        for _ in 0..50 {
-            published += 1;
-            publish(
-                &mut app,
-                &history,
-                "producer",
-                "default/orders",
-                &format!("o-{published}"),
-                None,
-                vec![b'p'; 300],
-            )
-            .await?;
-        }
-        drop(app);
+        let ids = (published + 1..=published + 50).map(|i| format!("o-{i}"));
+        publish_orders(&mesh, &history, ids, &[b'p'; 300]).await?;
+        published += 50;
         mesh.mesh.kill9("producer").await?;
         let segment = last_segment(&data_dir)
             .ok_or_else(|| anyhow::anyhow!("no segment file under {}", data_dir.display()))?;
@@ -117,16 +92,7 @@ async fn torn_tail_is_truncated_and_acked_records_survive() -> anyhow::Result<()
         );
     }
     // Every acked message is still there: a consumer now gets them all.
-    let consumer = spawn_consumer(
-        &mesh.app_addr("billing-a")?,
-        "default/billing-orders",
-        "billing",
-        "billing-a",
-        &history,
-        Behavior::Ack,
-        Instant::now() + RUN_LIMIT,
-    )
-    .await?;
+    let consumer = billing_consumer(&mesh, &history).await?;
     let expect = [Expect::AnyMember {
         group: "billing".into(),
         topic: "default/orders".into(),
