@@ -249,6 +249,8 @@ pub enum Behavior {
     Ack,
     /// Nack with this delay in milliseconds (a poison-message app).
     Nack(u64),
+    /// Nack the messages of this key with this delay, ack the others (one poison key).
+    NackKey(&'static str, u64),
 }
 
 /// Subscribes to `subscription` on `addr` as member `member` of `group` (returning once the
@@ -287,12 +289,19 @@ pub async fn spawn_consumer(
                             .map(|(k, v)| (k.clone(), v.clone()))
                             .collect::<BTreeMap<_, _>>(),
                     });
-                    match behavior {
-                        Behavior::Ack => {
+                    let nack = match behavior {
+                        Behavior::Ack => None,
+                        Behavior::Nack(delay_ms) => Some(delay_ms),
+                        Behavior::NackKey(key, delay_ms) => {
+                            (d.key.as_deref() == Some(key)).then_some(delay_ms)
+                        }
+                    };
+                    match nack {
+                        None => {
                             consumer.ack_and_refill(&d.delivery_id)?;
                             history.consumer_acked(&group, &member, &d.message_id);
                         }
-                        Behavior::Nack(delay_ms) => {
+                        Some(delay_ms) => {
                             consumer.nack(&d.delivery_id, delay_ms)?;
                             consumer.credit(1)?;
                         }
