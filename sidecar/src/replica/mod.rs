@@ -24,9 +24,11 @@
 //!   Two replicas of one producer (`replicas: 3`) may both take over: each copy is then
 //!   delivered up to `replicas - 1` times, every time after the first with attempt >= 2.
 //! - **Re-learn** (`replicator.rs`): a producer that starts asks every sidecar what it holds
-//!   for it from earlier starts; copies whose id its own log does not hold unsettled (it lost
-//!   them, or it settled them and the trim was lost) are appended to its log again. Nothing
-//!   is dropped at the replica until the producer holds the id settled.
+//!   for it from earlier starts; copies whose id its own log did not store or lost are
+//!   appended to its log again. A settled id is recognised through the dedup window (which
+//!   forgets the ids of records recovery lost); past the window, a settled id whose trim
+//!   was lost is taken back and delivered again. Nothing is dropped at the replica until
+//!   the producer holds the id settled.
 //! - **Handoff** (`handoff.rs`): on SIGTERM, after the drain window, the backlog still
 //!   undelivered is sent with `TakeCustody` to a live peer, which stores it durably before
 //!   answering; only then does the stopping sidecar settle it locally.

@@ -321,8 +321,8 @@ impl Replicator {
     }
 
     /// After a start: asks every sidecar of the mesh what it holds for this producer from
-    /// earlier starts, and takes back custody of what this sidecar's log does not hold
-    /// unsettled. Retries a sidecar that does not answer until it does or `stop`.
+    /// earlier starts, and takes back custody of what this sidecar's log did not store
+    /// (or lost): see `TopicStore::holds`. Retries a sidecar that does not answer until it does or `stop`.
     pub async fn relearn(self: Arc<Self>, engine: Arc<Engine>, stop: CancellationToken) {
         // A routing source may start empty (etcd before its first list): wait for topics.
         let mut routing = engine.routing.clone();

@@ -116,6 +116,12 @@ impl DedupWindow {
         }
     }
 
+    /// The offset `id` was stored at, if the window still remembers it (expired or not yet
+    /// swept): for telling a re-learning producer that its own log stored the id.
+    pub fn stored_at(&self, id: &str) -> Option<Offset> {
+        self.seen.get(id).map(|(offset, _)| *offset)
+    }
+
     /// Whether deduplication is on.
     pub fn enabled(&self) -> bool {
         !self.window.is_zero()

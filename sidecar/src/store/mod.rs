@@ -315,7 +315,9 @@ impl TopicStore {
         rx.await.map_err(|_| self.stopped())?
     }
 
-    /// Which of `ids` the log holds unsettled (`Replicated` topics; others: none).
+    /// Which of `ids` this log stored and did not lose: unsettled (`Replicated` topics), or
+    /// settled and still remembered by the dedup window. A re-learning producer takes back
+    /// only the others.
     pub async fn holds(&self, ids: Vec<String>) -> Result<Vec<bool>, Error> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Holds { ids, reply })?;

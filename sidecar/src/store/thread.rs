@@ -277,7 +277,23 @@ impl StoreThread {
             }
             Command::Holds { ids, reply } => {
                 let index = self.settled_index.as_ref();
-                let _ = reply.send(index.map_or_else(|| vec![false; ids.len()], |i| i.holds(&ids)));
+                let unsettled = index.map_or_else(|| vec![false; ids.len()], |i| i.holds(&ids));
+                // Settled ids leave the index; the dedup window still says this log stored
+                // them (it forgets the ids of records recovery lost), so a re-learn does not
+                // take back what was already delivered here.
+                let lost = self.log.lost();
+                let written = self.log.written();
+                let stored = |id: &String| {
+                    self.dedup.stored_at(id).is_some_and(|o| {
+                        o < written && !lost.iter().any(|range| range.contains(&o))
+                    })
+                };
+                let held = ids
+                    .iter()
+                    .zip(unsettled)
+                    .map(|(id, unsettled)| unsettled || stored(id))
+                    .collect();
+                let _ = reply.send(held);
             }
             Command::Append { .. }
             | Command::Settle(_)
