@@ -1,5 +1,5 @@
-//! The checked-in CRD YAML (`crds/` and the Helm chart's copy) must be exactly what the Rust
-//! types generate; regenerate with `cargo run -p ferry-api --bin crdgen`.
+//! The checked-in CRD YAML (`crds/`, the Helm chart's copy and the kustomization's copy in
+//! `deploy/`) must be exactly what the Rust types generate; regenerate with `cargo run -p ferry-api --bin crdgen`.
 
 use std::path::Path;
 
@@ -7,7 +7,7 @@ use std::path::Path;
 fn checked_in_crds_match_the_code() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut stale = Vec::new();
-    for dir in ["crds", "charts/ferry/crds"] {
+    for dir in ["crds", "charts/ferry/crds", "deploy"] {
         for (file, yaml) in ferry_api::manifest::crd_files() {
             let path = root.join(dir).join(&file);
             match std::fs::read_to_string(&path) {

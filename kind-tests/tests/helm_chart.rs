@@ -551,3 +551,37 @@ async fn optional_parts_render_when_enabled() -> Result<()> {
     );
     Ok(())
 }
+
+/// GitOps without the chart: `deploy/` is a kustomization of the CRDs that builds with
+/// kustomize's default restrictions (its CRD files are generated copies beside it) and that
+/// the API server accepts by server-side apply.
+#[tokio::test]
+async fn the_crd_kustomization_applies_as_is() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let output = tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        cp.kubectl([
+            "apply".as_ref(),
+            "--dry-run=server".as_ref(),
+            "--server-side".as_ref(),
+            "-k".as_ref(),
+            deploy.as_os_str(),
+        ]),
+    )
+    .await
+    .context("kubectl apply -k deploy/ timed out")??;
+    let report = text(&output);
+    println!("{}", report.trim_end());
+    ensure!(
+        output.status.success(),
+        "kubectl apply -k deploy/:\n{report}"
+    );
+    for crd in ["topics", "consumergroups", "subscriptions"] {
+        ensure!(
+            report.contains(&format!("{crd}.ferry.dev")),
+            "{crd}.ferry.dev is not in the kustomization:\n{report}"
+        );
+    }
+    Ok(())
+}

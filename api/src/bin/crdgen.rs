@@ -1,5 +1,5 @@
-//! Writes Ferry's CRDs as YAML: `crdgen [DIR...]` (default `crds` and
-//! `charts/ferry/crds`), one file per kind; `crdgen --check [DIR...]` fails when a file
+//! Writes Ferry's CRDs as YAML: `crdgen [DIR...]` (default `crds`, `charts/ferry/crds` and
+//! `deploy`, the GitOps kustomization's own copy), one file per kind; `crdgen --check [DIR...]` fails when a file
 //! differs from what the code generates.
 
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         false
     };
     let dirs: Vec<PathBuf> = if args.is_empty() {
-        vec!["crds".into(), "charts/ferry/crds".into()]
+        vec!["crds".into(), "charts/ferry/crds".into(), "deploy".into()]
     } else {
         args.into_iter().map(PathBuf::from).collect()
     };
