@@ -151,17 +151,11 @@ impl Dispatcher {
     }
 }
 
-/// The wire form of a stored message.
+/// The wire form of a stored message as forwarded to a consumer: the producer applies the
+/// delay before forwarding, so none travels with it.
 pub fn peer_message(m: &StoredMessage) -> PeerMessage {
     PeerMessage {
-        id: m.id.clone(),
-        key: m.key.clone(),
-        headers: m.headers.iter().cloned().collect(),
-        payload: m.payload.clone(),
-        publish_time_ms: m.publish_time_ms,
-        key_sequence: m.key_sequence,
-        ttl_ms: m.ttl_ms,
-        // The producer applies the delay before forwarding.
         delay_ms: 0,
+        ..crate::replica::to_wire(m)
     }
 }
