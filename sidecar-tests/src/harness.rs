@@ -1,7 +1,7 @@
 //! Starting real sidecars for a test, and the loops every test shares: publishing with the
 //! history recorded, consuming with it recorded, and waiting for a condition with a deadline.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -277,18 +277,7 @@ pub async fn spawn_consumer(
             match consumer.next(Duration::from_millis(100)).await? {
                 Some(Event::Delivery(d)) => {
                     received += 1;
-                    history.delivered(Delivered {
-                        group: group.clone(),
-                        member: member.clone(),
-                        message_id: d.message_id.clone(),
-                        attempt: d.attempt,
-                        key_sequence: d.key_sequence,
-                        headers: d
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect::<BTreeMap<_, _>>(),
-                    });
+                    history.delivered(Delivered::of(&group, &member, &d));
                     let nack = match behavior {
                         Behavior::Ack => None,
                         Behavior::Nack(delay_ms) => Some(delay_ms),

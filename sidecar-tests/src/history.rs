@@ -38,6 +38,24 @@ pub struct Delivered {
     pub headers: BTreeMap<String, String>,
 }
 
+impl Delivered {
+    /// What a consuming app of `group`, member `member`, saw in `d`.
+    pub fn of(group: &str, member: &str, d: &ferry_api::proto::v1::Delivery) -> Self {
+        Self {
+            group: group.to_owned(),
+            member: member.to_owned(),
+            message_id: d.message_id.clone(),
+            attempt: d.attempt,
+            key_sequence: d.key_sequence,
+            headers: d
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// Who must receive every acked message of `topic` (`namespace/name`).
 #[derive(Debug, Clone)]
 pub enum Expect {

@@ -1,7 +1,7 @@
 //! An app for the durability tests: publishing that returns the sidecar's answer (offset,
 //! duplicate flag), and a consumer that reconnects when its sidecar restarts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -60,18 +60,7 @@ pub fn reconnecting_consumer(
                 match consumer.next(Duration::from_millis(100)).await {
                     Ok(Some(Event::Delivery(d))) => {
                         received += 1;
-                        history.delivered(Delivered {
-                            group: group.into(),
-                            member: member.into(),
-                            message_id: d.message_id.clone(),
-                            attempt: d.attempt,
-                            key_sequence: d.key_sequence,
-                            headers: d
-                                .headers
-                                .iter()
-                                .map(|(k, v)| (k.clone(), v.clone()))
-                                .collect::<BTreeMap<_, _>>(),
-                        });
+                        history.delivered(Delivered::of(group, member, &d));
                         if consumer.ack_and_refill(&d.delivery_id).is_err() {
                             break;
                         }
