@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer};
-use ferry_sidecar_tests::history::History;
+use ferry_sidecar_tests::history::{Counts, History};
 use tokio::time::Instant;
 
 use super::common::{RUN_LIMIT, group, orders_mesh, pod, publish_orders, subscription, topic};
@@ -14,7 +14,33 @@ use super::common::{billing_consumer, drain_orders};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
-    let mut mesh = orders_mesh("durability: Disk", "maxInFlight: 10").await?;
+    let c = hand_off("maxInFlight: 10", "sigterm_handoff").await?;
+    // The deliveries in flight when the handoff started were queued for the app by
+    // billing-a's sidecar and are handed off too: at most maxInFlight x 1 member, each
+    // followed by the new holder's delivery with attempt >= 2.
+    assert!(c.duplicated <= 10, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    Ok(())
+}
+
+/// The same with an `ExactlyOnce` subscription: the consuming sidecar links the new
+/// holder's copy of a message to the one it already queued from the stopped sidecar, so
+/// the app gets each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_handoff_exactly_once_delivers_each_message_once() -> anyhow::Result<()> {
+    let c = hand_off(
+        "maxInFlight: 10, qos: ExactlyOnce",
+        "sigterm_handoff_exactly_once",
+    )
+    .await?;
+    assert_eq!(c.duplicated, 0, "{c}");
+    Ok(())
+}
+
+/// Publishes a backlog no app consumes, SIGTERMs the producer's sidecar (which must hand
+/// the backlog off and exit 0), then starts the consumer: nothing lost or unexpected.
+async fn hand_off(subscription_spec: &str, test: &str) -> anyhow::Result<Counts> {
+    let mut mesh = orders_mesh("durability: Disk", subscription_spec).await?;
     let history = History::default();
 
     publish_orders(
@@ -33,14 +59,9 @@ async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
     assert!(clean, "the producer's sidecar did not exit 0 by itself");
 
     billing_consumer(&mesh, &history).await?;
-    let c = drain_orders(&history, Duration::from_secs(60), "sigterm_handoff").await?;
+    let c = drain_orders(&history, Duration::from_secs(60), test).await?;
     assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
-    // The deliveries in flight when the handoff started were queued for the app by
-    // billing-a's sidecar and are handed off too: at most maxInFlight x 1 member, each
-    // followed by the new holder's delivery with attempt >= 2.
-    assert!(c.duplicated <= 10, "{c}");
-    assert_eq!(c.unexplained_duplicates, 0, "{c}");
-    Ok(())
+    Ok(c)
 }
 
 /// The same for a `Replicated` topic, as when its pod is deleted: the producer hands its

@@ -66,9 +66,22 @@ struct Held {
     earlier: Vec<u32>,
     ack_wait: Duration,
     message_id: String,
+    /// ExactlyOnce: copies of the same message id from other origins (a replica that took
+    /// custody, a peer a backlog was handed to) that arrived while this one was held. The
+    /// app gets one copy; its settlement answers every origin.
+    twins: Vec<Twin>,
     /// The delivery to hand out; taken when handed.
     delivery: Option<Delivery>,
     state: HeldState,
+}
+
+/// Another origin's copy of a held message (see `Held::twins`).
+#[derive(Debug)]
+struct Twin {
+    reply: ReplyTo,
+    producer: Arc<str>,
+    offset: Offset,
+    attempt: u32,
 }
 
 #[derive(Debug)]
@@ -113,6 +126,8 @@ pub struct InboxState {
     acked_origins: AckedOrigins,
     /// ExactlyOnce: message ids the app acked, with when they are forgotten.
     acked_ids: HashMap<String, Instant>,
+    /// ExactlyOnce: the held delivery of each message id, for linking other origins' copies.
+    held_ids: HashMap<String, u64>,
     pub exactly_once_window: Option<Duration>,
     /// Deliveries handed to the app since the last call of `take_handed`.
     handed: u64,
@@ -159,12 +174,32 @@ impl InboxState {
                 ),
             });
         }
+        for t in &h.twins {
+            out.push(Reply {
+                to: t.reply.clone(),
+                settled: settled(
+                    &self.subscription,
+                    t.offset,
+                    t.attempt,
+                    outcome,
+                    delay_ms,
+                    reason,
+                ),
+            });
+        }
     }
 
     fn finish(&mut self, seq: u64, how: Finish) -> Option<Held> {
         let h = self.held.remove(&seq)?;
-        if self.by_origin.get(&(h.producer.clone(), h.offset)) == Some(&seq) {
-            self.by_origin.remove(&(h.producer.clone(), h.offset));
+        let origins = std::iter::once((h.producer.clone(), h.offset))
+            .chain(h.twins.iter().map(|t| (t.producer.clone(), t.offset)));
+        for origin in origins {
+            if self.by_origin.get(&origin) == Some(&seq) {
+                self.by_origin.remove(&origin);
+            }
+        }
+        if self.held_ids.get(&h.message_id) == Some(&seq) {
+            self.held_ids.remove(&h.message_id);
         }
         self.finished.insert(seq, how);
         self.finished_order.push_back(seq);
@@ -221,6 +256,23 @@ impl InboxState {
                 self.finish(old, Finish::Superseded);
                 self.queue.retain(|s| *s != old);
             }
+            if self.exactly_once_window.is_some() {
+                if let Some(&held) = self.held_ids.get(&a.delivery.message_id)
+                    && let Some(h) = self.held.get_mut(&held)
+                {
+                    // The same message from another origin while the app has it: one copy
+                    // for the app, one settlement for both.
+                    h.twins.push(Twin {
+                        reply: a.reply,
+                        producer: a.producer,
+                        offset: a.offset,
+                        attempt: a.attempt,
+                    });
+                    self.by_origin.insert(origin, held);
+                    continue;
+                }
+                self.held_ids.insert(a.delivery.message_id.clone(), a.seq);
+            }
             self.by_origin.insert(origin, a.seq);
             self.held.insert(
                 a.seq,
@@ -230,6 +282,7 @@ impl InboxState {
                     offset: a.offset,
                     attempt: a.attempt,
                     earlier: Vec::new(),
+                    twins: Vec::new(),
                     ack_wait: a.ack_wait,
                     message_id: a.delivery.message_id.clone(),
                     delivery: Some(a.delivery),
@@ -253,6 +306,16 @@ impl InboxState {
         };
         if h.message_id != a.delivery.message_id {
             return false;
+        }
+        if let Some(t) = h
+            .twins
+            .iter_mut()
+            .find(|t| t.producer == a.producer && t.offset == a.offset)
+        {
+            // A repeat from a twin's origin: answer it where it now waits.
+            t.reply = a.reply.clone();
+            t.attempt = a.attempt;
+            return true;
         }
         h.reply = a.reply.clone();
         if a.attempt != h.attempt && !h.earlier.contains(&a.attempt) {
@@ -401,6 +464,13 @@ impl InboxState {
                             &h.message_id,
                             now,
                         );
+                        for t in &h.twins {
+                            self.acked_origins.insert(
+                                (t.producer.clone(), t.offset),
+                                &h.message_id,
+                                now,
+                            );
+                        }
                         self.reply(&h, Outcome::Acked, 0, "", out);
                         if let Some(w) = self.exactly_once_window {
                             self.acked_ids.insert(h.message_id.clone(), now + w);
@@ -429,7 +499,17 @@ impl InboxState {
             return DeliveryState::Acked;
         }
         match self.by_origin.get(&key).and_then(|s| self.held.get(s)) {
-            Some(h) if h.attempt == attempt || h.earlier.contains(&attempt) => {
+            Some(h)
+                if (h.producer == key.0 && h.offset == offset)
+                    && (h.attempt == attempt || h.earlier.contains(&attempt)) =>
+            {
+                DeliveryState::InProgress
+            }
+            Some(h)
+                if h.twins
+                    .iter()
+                    .any(|t| t.producer == key.0 && t.offset == offset && t.attempt == attempt) =>
+            {
                 DeliveryState::InProgress
             }
             _ => DeliveryState::Unknown,

@@ -175,3 +175,51 @@ fn exactly_once_suppresses_acked_ids() {
     assert_eq!(out.len(), 2);
     assert_eq!(s.take_handed(), 1);
 }
+
+#[test]
+fn exactly_once_links_another_origins_copy_to_the_held_one() {
+    let now = Instant::now();
+    let mut s = InboxState::new("ns/sub".into());
+    s.exactly_once_window = Some(Duration::from_secs(60));
+    let mut out = Vec::new();
+    s.accept(vec![arrival(1, 5, 1)], now, &mut out);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.open_session(1, 10, tx, true, now);
+    assert_eq!(rx.try_recv().unwrap().message_id, "m5");
+    // The same message from a replica that took custody: another origin, attempt 2.
+    let mut twin = arrival(2, 9, 2);
+    twin.producer = "ns/replica".into();
+    twin.reply = ReplyTo::Remote("ns/replica".into());
+    twin.delivery.message_id = "m5".into();
+    s.accept(vec![twin], now, &mut out);
+    assert!(rx.try_recv().is_err(), "the app gets one copy");
+    assert_eq!(s.held_len(), 1);
+    assert_eq!(s.query("ns/replica", 9, 2), DeliveryState::InProgress);
+    assert_eq!(s.query("ns/replica", 9, 1), DeliveryState::Unknown);
+
+    // One ack answers both origins.
+    s.settle(1, None, now, &mut out).unwrap();
+    let answered: Vec<(u64, u32, i32)> = out
+        .iter()
+        .map(|r| (r.settled.offset, r.settled.attempt, r.settled.outcome))
+        .collect();
+    assert_eq!(
+        answered,
+        [(5, 1, Outcome::Acked as i32), (9, 2, Outcome::Acked as i32)]
+    );
+    assert_eq!(s.query("ns/replica", 9, 2), DeliveryState::Acked);
+    assert_eq!(s.held_len(), 0);
+}
+
+#[test]
+fn without_exactly_once_another_origins_copy_is_its_own_delivery() {
+    let now = Instant::now();
+    let mut s = InboxState::new("ns/sub".into());
+    let mut out = Vec::new();
+    s.accept(vec![arrival(1, 5, 1)], now, &mut out);
+    let mut twin = arrival(2, 9, 2);
+    twin.producer = "ns/replica".into();
+    twin.delivery.message_id = "m5".into();
+    s.accept(vec![twin], now, &mut out);
+    assert_eq!(s.held_len(), 2);
+}
