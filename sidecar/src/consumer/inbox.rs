@@ -9,11 +9,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_api::proto::v1::{Delivery, DeliveryState, Outcome, Settled};
+use ferry_api::proto::v1::{Delivery, DeliveryState, Outcome};
 use tokio::sync::mpsc;
 
-use super::ReplyTo;
 use super::acked::{AckedOrigins, Origin};
+pub use super::held::{Arrival, Finish, Reply};
+use super::held::{Held, HeldState, Twin, settled};
 use crate::log::Offset;
 
 /// Settled delivery ids remembered, for precise "expired"/"already settled" answers.
@@ -22,93 +23,12 @@ const FINISHED_MEMORY: usize = 100_000;
 /// Re-linked attempt numbers kept per held delivery (see `Held::earlier`).
 const MAX_EARLIER_ATTEMPTS: usize = 4;
 
-/// Why a delivery id is no longer valid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    Acked,
-    Nacked,
-    Expired,
-    Superseded,
-    Returned,
-}
-
-impl Finish {
-    /// The text of the NOT_FOUND answer to a late ack or nack.
-    pub fn why(self) -> &'static str {
-        match self {
-            Finish::Acked => "it was already acked",
-            Finish::Nacked => "it was already nacked",
-            Finish::Expired => "its ackWait passed and it was returned for redelivery",
-            Finish::Superseded => "it was superseded by a redelivery of the same message",
-            Finish::Returned => {
-                "the consume stream that received it closed and it was returned for redelivery"
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-enum HeldState {
-    Queued { since: Instant },
-    Handed { session: u64, deadline: Instant },
-}
-
-#[derive(Debug)]
-struct Held {
-    reply: ReplyTo,
-    producer: Arc<str>,
-    offset: Offset,
-    attempt: u32,
-    /// Other attempt numbers of the same message that were re-linked here (repeats from a
-    /// restarted producer, or a dead process's forward read late). Settlements answer
-    /// each, so that whichever the current producer process waits for is answered; a
-    /// producer ignores attempts it does not hold in flight.
-    earlier: Vec<u32>,
-    ack_wait: Duration,
-    message_id: String,
-    /// ExactlyOnce: copies of the same message id from other origins (a replica that took
-    /// custody, a peer a backlog was handed to) that arrived while this one was held. The
-    /// app gets one copy; its settlement answers every origin.
-    twins: Vec<Twin>,
-    /// The delivery to hand out; taken when handed.
-    delivery: Option<Delivery>,
-    state: HeldState,
-}
-
-/// Another origin's copy of a held message (see `Held::twins`).
-#[derive(Debug)]
-struct Twin {
-    reply: ReplyTo,
-    producer: Arc<str>,
-    offset: Offset,
-    attempt: u32,
-}
-
 #[derive(Debug)]
 struct Session {
     id: u64,
     credit: u64,
     tx: mpsc::UnboundedSender<Delivery>,
     nack_on_close: bool,
-}
-
-/// A settlement to send to a producer.
-#[derive(Debug)]
-pub struct Reply {
-    pub to: ReplyTo,
-    pub settled: Settled,
-}
-
-/// A delivery arriving for this subscription.
-#[derive(Debug)]
-pub struct Arrival {
-    pub seq: u64,
-    pub reply: ReplyTo,
-    pub producer: Arc<str>,
-    pub offset: Offset,
-    pub attempt: u32,
-    pub ack_wait: Duration,
-    pub delivery: Delivery,
 }
 
 /// State of one subscription's inbox.
@@ -131,24 +51,6 @@ pub struct InboxState {
     pub exactly_once_window: Option<Duration>,
     /// Deliveries handed to the app since the last call of `take_handed`.
     handed: u64,
-}
-
-fn settled(
-    subscription: &str,
-    offset: Offset,
-    attempt: u32,
-    outcome: Outcome,
-    delay_ms: u64,
-    reason: &str,
-) -> Settled {
-    Settled {
-        subscription: subscription.to_owned(),
-        offset,
-        attempt,
-        outcome: outcome as i32,
-        delay_ms,
-        reason: reason.to_owned(),
-    }
 }
 
 impl InboxState {

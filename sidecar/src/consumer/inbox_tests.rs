@@ -1,6 +1,7 @@
 //! Unit tests of `InboxState`.
 
 use super::*;
+use crate::consumer::ReplyTo;
 
 fn arrival(seq: u64, offset: Offset, attempt: u32) -> Arrival {
     Arrival {

@@ -3,6 +3,8 @@
 //! consume sessions with credits, and acks and nacks by delivery id.
 //!
 //! - `inbox.rs`: one subscription's state (queue, handed-out deliveries, sessions).
+//! - `held.rs`: what the inbox keeps per delivery, including ExactlyOnce twins (copies of
+//!   a held message from another origin, answered by the same settlement).
 //! - `ids.rs`: delivery ids.
 //! - `acked.rs`: acked (producer, offset) pairs remembered, so that a producer repeating a
 //!   delivery (after a restart or a lost ack) gets ACKED back, not a second copy to the app.
@@ -15,6 +17,7 @@
 
 pub mod acked;
 pub mod acked_journal;
+mod held;
 pub mod ids;
 pub mod inbox;
 #[cfg(test)]
