@@ -5,12 +5,14 @@
 
 use std::time::Duration;
 
-use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer};
+use ferry_sidecar_tests::harness::{Behavior, TestMesh, spawn_consumer};
 use ferry_sidecar_tests::history::{Counts, History};
 use tokio::time::Instant;
 
-use super::common::{RUN_LIMIT, group, orders_mesh, pod, publish_orders, subscription, topic};
-use super::common::{billing_consumer, drain_orders};
+use super::common::{
+    RUN_LIMIT, billing_consumer, drain_orders, group, orders_mesh, pod, publish_orders,
+    subscription, topic,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
@@ -85,21 +87,13 @@ async fn sigterm_hands_replicated_backlog_off_and_trims_its_replica() -> anyhow:
     .concat();
     let mut mesh = TestMesh::start(&crs, &pods).await?;
     let history = History::default();
-    let mut app = mesh.app("producer").await?;
-    for i in 0..200 {
-        let id = format!("replicated-handoff-{i}");
-        publish(
-            &mut app,
-            &history,
-            "producer",
-            "default/orders",
-            &id,
-            None,
-            vec![b'h'; 256],
-        )
-        .await?;
-    }
-    drop(app);
+    publish_orders(
+        &mesh,
+        &history,
+        (0..200).map(|i| format!("replicated-handoff-{i}")),
+        &[b'h'; 256],
+    )
+    .await?;
 
     let clean = mesh
         .mesh

@@ -6,14 +6,12 @@
 use std::time::Duration;
 
 use ferry_api::proto::v1::PublishRequest;
-use ferry_sidecar_tests::harness::publish;
 use ferry_sidecar_tests::history::History;
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::common::orders_mesh;
-use super::common::{billing_consumer, drain_orders};
+use super::common::{billing_consumer, drain_orders, orders_mesh, publish_orders};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_sigterm_refuses_publishes_and_drains_its_backlog() -> anyhow::Result<()> {
@@ -21,20 +19,14 @@ async fn producer_sigterm_refuses_publishes_and_drains_its_backlog() -> anyhow::
     let history = History::default();
 
     // A backlog: 300 acked publishes while no app consumes.
+    publish_orders(
+        &mesh,
+        &history,
+        (0..300).map(|i| format!("backlog-{i}")),
+        &[b'b'; 256],
+    )
+    .await?;
     let mut app = mesh.app("producer").await?;
-    for i in 0..300 {
-        let id = format!("backlog-{i}");
-        publish(
-            &mut app,
-            &history,
-            "producer",
-            "default/orders",
-            &id,
-            None,
-            vec![b'b'; 256],
-        )
-        .await?;
-    }
 
     // The consuming app starts, and at once the producer's sidecar is told to stop.
     let consumer = billing_consumer(&mesh, &history).await?;
