@@ -7,6 +7,7 @@
 //!   the API server's CEL `duration()` parses them;
 //! - [`quantity`]: byte sizes written as Kubernetes quantities (`512Mi`, `1G`);
 //! - [`consts`]: default ports, names and environment prefixes;
+//! - [`flags`]: the convention every binary's flags follow (help text, `FERRY_` variable);
 //! - [`routing`]: the routing table in etcd (keys, versioned values) and in memory;
 //! - [`manifest`]: reading CR YAML files (the same files `kubectl apply` takes);
 //! - [`proto`]: the gRPC contracts (app API `ferry.v1.App`, sidecar-to-sidecar `ferry.v1.Peer`).
@@ -14,6 +15,7 @@
 pub mod consts;
 pub mod crd;
 pub mod duration;
+pub mod flags;
 pub mod local;
 pub mod manifest;
 pub mod proto;

@@ -352,4 +352,11 @@ mod tests {
         assert!(parse(&["--lease-duration", "15 seconds", "--etcd-endpoints", "x:1"]).is_err());
         Ok(())
     }
+
+    #[test]
+    fn every_flag_is_documented_with_its_environment_variable() {
+        use clap::CommandFactory;
+        let breaches = ferry_api::flags::convention_breaches(&Config::command());
+        assert!(breaches.is_empty(), "ferry-operator --help: {breaches:#?}");
+    }
 }

@@ -229,4 +229,11 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("--app-http-addr"), "{e}");
     }
+
+    #[test]
+    fn every_flag_is_documented_with_its_environment_variable() {
+        use clap::CommandFactory;
+        let breaches = ferry_api::flags::convention_breaches(&Config::command());
+        assert!(breaches.is_empty(), "ferry-sidecar --help: {breaches:#?}");
+    }
 }
