@@ -38,7 +38,7 @@ mod timers;
 pub use send::peer_message;
 
 /// Most messages a dispatcher holds in memory at once.
-const WINDOW: usize = 8192;
+const WINDOW: usize = 32768;
 /// Records read from the store per read.
 const READ_BATCH: usize = 512;
 /// Events handled per round before dispatching again.
@@ -141,12 +141,14 @@ struct Dispatcher {
     sub: Arc<str>,
     tx: mpsc::UnboundedSender<Event>,
     members: Vec<Member>,
-    entries: BTreeMap<Offset, Entry>,
+    /// Boxed: the tree moves only pointers when it splits or merges nodes (an `Entry` is a
+    /// few hundred bytes, and the window turns over at the delivery rate).
+    entries: BTreeMap<Offset, Box<Entry>>,
     ready: BTreeSet<Offset>,
     timers: BinaryHeap<Reverse<(Instant, Offset)>>,
-    key_busy: HashMap<String, Offset>,
+    key_busy: foldhash::HashMap<String, Offset>,
     /// Ordered topics: offsets held per key, to find the next message of a key at once.
-    by_key: HashMap<String, BTreeSet<Offset>>,
+    by_key: foldhash::HashMap<String, BTreeSet<Offset>>,
     /// Where in-process deliveries report back (built once).
     local_reply: ReplyTo,
     read_next: Offset,
@@ -214,8 +216,8 @@ pub async fn run(
         entries: BTreeMap::new(),
         ready: BTreeSet::new(),
         timers: BinaryHeap::new(),
-        key_busy: HashMap::new(),
-        by_key: HashMap::new(),
+        key_busy: Default::default(),
+        by_key: Default::default(),
         local_reply,
         read_next,
         rr: 0,
@@ -375,13 +377,13 @@ impl Dispatcher {
                 offset < self.store.recovered || crate::replica::moved_custody(&message);
             self.entries.insert(
                 offset,
-                Entry {
+                Box::new(Entry {
                     message,
                     copies: Vec::new(),
                     not_before,
                     expires,
                     recovered,
-                },
+                }),
             );
             self.ready.insert(offset);
         }

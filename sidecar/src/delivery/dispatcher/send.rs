@@ -15,29 +15,36 @@ use crate::log::{Offset, Settlement, StoredMessage};
 impl Dispatcher {
     /// Sends the idle copies of `offset` where they can go now.
     pub(super) fn dispatch_one(&mut self, offset: Offset, now: Instant, out: &mut Outbox) {
-        let Some(mut entry) = self.entries.remove(&offset) else {
-            self.ready.remove(&offset);
-            return;
+        let ordered = self.setup.topic.ordering == Ordering::Key;
+        // Checks first, on a shared borrow; the entry stays in place while it is sent.
+        let (expired, not_before, key) = match self.entries.get(&offset) {
+            None => {
+                self.ready.remove(&offset);
+                return;
+            }
+            Some(entry) => (
+                entry.expires.filter(|(t, _)| *t <= now),
+                entry.not_before.filter(|t| *t > now),
+                entry.message.key.clone().filter(|_| ordered),
+            ),
         };
-        if let Some((_, why)) = entry.expires.filter(|(t, _)| *t <= now) {
-            self.entries.insert(offset, entry);
+        if let Some((_, why)) = expired {
             self.expire(offset, why);
             return;
         }
-        if let Some(t) = entry.not_before.filter(|t| *t > now) {
-            self.entries.insert(offset, entry);
+        if let Some(t) = not_before {
             self.ready.remove(&offset);
             self.timers.push(Reverse((t, offset)));
             return;
         }
-        let ordered = self.setup.topic.ordering == Ordering::Key;
-        let key = entry.message.key.clone().filter(|_| ordered);
         if let Some(k) = &key
             && self.key_busy.get(k).is_some_and(|o| *o != offset)
         {
-            self.entries.insert(offset, entry);
             return;
         }
+        let Some(entry) = self.entries.get_mut(&offset) else {
+            return;
+        };
         if entry.copies.is_empty() {
             let policy = self.setup.group.zone_policy;
             let zone = &self.engine.identity.zone;
@@ -107,12 +114,12 @@ impl Dispatcher {
             }
             sent = true;
             let deliver = Deliver {
-                subscription: self.sub.to_string(),
-                producer: self.engine.identity.producer_id.to_string(),
+                subscription: String::from(&*self.sub),
+                producer: String::from(&*self.engine.identity.producer_id),
                 offset,
                 attempt: copy.attempt,
                 message: Some(peer_message(&entry.message)),
-                topic: self.topic.to_string(),
+                topic: String::from(&*self.topic),
                 ack_wait_ms: self.setup.subscription.ack_wait_ms,
             };
             if member.local {
@@ -132,7 +139,6 @@ impl Dispatcher {
             self.ready.remove(&offset);
         }
         let copies = entry.copies.len();
-        self.entries.insert(offset, entry);
         if let Some(k) = key.filter(|_| sent) {
             self.key_busy.insert(k, offset);
         }
