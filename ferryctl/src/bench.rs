@@ -39,9 +39,10 @@ pub struct BenchArgs {
     /// Durabilities to measure.
     #[arg(long, value_delimiter = ',', default_value = "Memory,DiskAsync,Disk")]
     pub durabilities: Vec<String>,
-    /// Publish modes to measure: `unary` (one call per message) and `stream` (batches on
-    /// one `PublishStream`).
-    #[arg(long, value_delimiter = ',', default_value = "unary,stream")]
+    /// Publish modes to measure: `unary` (one call per message), `stream` (batches on one
+    /// `PublishStream`, consumed meanwhile) and `drain` (streamed with nobody consuming, then
+    /// the backlog drained: its end-to-end rate is delivery alone).
+    #[arg(long, value_delimiter = ',', default_value = "unary,stream,drain")]
     pub modes: Vec<String>,
     /// Concurrent unary publishes in per-message mode.
     #[arg(long, default_value_t = 64)]
@@ -75,7 +76,7 @@ fn manifests(durabilities: &[String]) -> anyhow::Result<Manifests> {
         let name = topic_name(d);
         yaml.push_str(&format!(
             "---\napiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {{name: {name}}}\nspec: {{durability: {d}, maxMessageBytes: 1048576, dedupWindow: 0s}}\n\
-             ---\napiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}}}\nspec: {{topic: {name}, group: bench, maxInFlight: 4096, ackWait: 60s}}\n"
+             ---\napiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}}}\nspec: {{topic: {name}, group: bench, maxInFlight: 16384, ackWait: 60s}}\n"
         ));
     }
     let mut m = Manifests::default();
@@ -127,6 +128,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 (
                     "stream",
                     Mode::Streamed {
+                        batch: args.batch,
+                        window: 16,
+                    },
+                ),
+                (
+                    "drain",
+                    Mode::Drain {
                         batch: args.batch,
                         window: 16,
                     },

@@ -140,6 +140,7 @@ impl Consumer {
     pub fn ack(&self, delivery_id: &str) -> Result<(), ClientError> {
         self.send(RequestFrame::Ack(AckFrame {
             delivery_id: delivery_id.into(),
+            ..AckFrame::default()
         }))
     }
 
@@ -156,8 +157,18 @@ impl Consumer {
         self.send(RequestFrame::Credit(Credit { n }))
     }
 
-    /// Acks and grants one more credit: the steady state of a consumer that keeps its
-    /// window full.
+    /// Acks `delivery_ids` and grants as many credits, in one frame: the steady state of a
+    /// consumer that keeps its window full.
+    pub fn ack_all_and_refill(&self, delivery_ids: Vec<String>) -> Result<(), ClientError> {
+        let credit = u32::try_from(delivery_ids.len()).unwrap_or(u32::MAX);
+        self.send(RequestFrame::Ack(AckFrame {
+            delivery_ids,
+            credit,
+            ..AckFrame::default()
+        }))
+    }
+
+    /// Acks and grants one more credit (two frames; see [`Self::ack_all_and_refill`]).
     pub fn ack_and_refill(&self, delivery_id: &str) -> Result<(), ClientError> {
         self.ack(delivery_id)?;
         self.credit(1)

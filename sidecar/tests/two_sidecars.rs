@@ -252,6 +252,7 @@ async fn publish_on_a_consume_on_b_ack_settles_a() {
     tx.send(ConsumeRequest {
         frame: Some(In::Ack(AckFrame {
             delivery_id: d.delivery_id.clone(),
+            ..AckFrame::default()
         })),
     })
     .unwrap();
@@ -349,6 +350,7 @@ async fn nack_redelivers_then_dead_letters_after_max_deliveries() {
     atx.send(ConsumeRequest {
         frame: Some(In::Ack(AckFrame {
             delivery_id: dl.delivery_id,
+            ..AckFrame::default()
         })),
     })
     .unwrap();
@@ -379,6 +381,87 @@ async fn nack_redelivers_then_dead_letters_after_max_deliveries() {
         "{}",
         err.message()
     );
+    m.a.shutdown();
+    m.b.shutdown();
+    m.a.wait().await.unwrap();
+    m.b.wait().await.unwrap();
+}
+
+/// One ack frame acks several deliveries and refills the window; an id in it that fails
+/// gets its own `settle_error` and the others are acked all the same; a frame naming no id
+/// and granting nothing is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ack_frame_acks_many_and_grants_credit() {
+    let m = mesh().await;
+    let mut pa = client(&m.a).await;
+    let mut cb = client(&m.b).await;
+    for p in [b"one" as &'static [u8], b"two", b"three"] {
+        pa.publish(publish_req("orders", p)).await.unwrap();
+    }
+    let (tx, mut stream) = consume(&mut cb, "orders-sub", 3).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(next_delivery(&mut stream).await.delivery_id);
+    }
+    let last = ids.pop().unwrap();
+    ids.push("1.2.3".into());
+    tx.send(ConsumeRequest {
+        frame: Some(In::Ack(AckFrame {
+            delivery_id: last,
+            delivery_ids: ids,
+            credit: 2,
+        })),
+    })
+    .unwrap();
+    let refused = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no settle error within 10 s")
+            .unwrap()
+            .expect("stream ended");
+        if let Some(Out::SettleError(e)) = m.frame {
+            break e;
+        }
+    };
+    assert_eq!(refused.delivery_id, "1.2.3");
+    wait_for("A's backlog of orders to settle", || {
+        drained(&m.a, "shop/orders")
+    })
+    .await;
+
+    // The frame's credit lets two more through, and only two.
+    for p in [b"four" as &'static [u8], b"five", b"six"] {
+        pa.publish(publish_req("orders", p)).await.unwrap();
+    }
+    let got = [
+        next_delivery(&mut stream).await,
+        next_delivery(&mut stream).await,
+    ];
+    assert_eq!(
+        got.iter().map(|d| &d.payload[..]).collect::<Vec<_>>(),
+        [b"four" as &[u8], b"five"]
+    );
+    let more = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+    assert!(more.is_err(), "a delivery beyond the credit: {more:?}");
+
+    tx.send(ConsumeRequest {
+        frame: Some(In::Ack(AckFrame::default())),
+    })
+    .unwrap();
+    let m2 = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("no answer to an empty ack frame")
+        .unwrap()
+        .expect("stream ended");
+    match m2.frame {
+        Some(Out::SettleError(e)) => {
+            let err = e.error.unwrap_or_default();
+            assert_eq!(err.code, tonic::Code::InvalidArgument as i32);
+            assert!(err.message.contains("no delivery id"), "{}", err.message);
+        }
+        other => panic!("expected a settle error, got {other:?}"),
+    }
+
     m.a.shutdown();
     m.b.shutdown();
     m.a.wait().await.unwrap();

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_api::proto::v1::publish_result::Result as OneResult;
 use ferry_api::proto::v1::{AckLevel, PublishBatch, PublishRequest};
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -36,6 +37,9 @@ pub enum Mode {
     PerMessage { concurrency: usize },
     /// `PublishStream` with batches of `batch`, up to `window` batches in flight.
     Streamed { batch: usize, window: usize },
+    /// As `Streamed`, but nobody consumes until every message is published: the end-to-end
+    /// rate is how fast a backlog drains (peak shaving), with no publishing beside it.
+    Drain { batch: usize, window: usize },
     /// Unary calls at a fixed rate (open loop), at most `max_outstanding` unanswered.
     FixedRate {
         per_sec: u32,
@@ -67,49 +71,84 @@ pub struct Outcome {
     pub latencies: Latencies,
 }
 
+/// Credits the bench's consumer grants (it acks and refills one per delivery).
+const CREDITS: u32 = 16384;
+/// Most deliveries the bench's consumer acks in one frame.
+const ACK_BATCH: usize = 512;
+
 /// Runs a scenario: subscribes on `consumer_addr`, publishes on `producer_addr`, and waits
-/// for every message (or the deadline).
+/// for every message (or the deadline). A `Drain` scenario publishes everything first and
+/// times the delivery from the moment it subscribes.
 pub async fn run(
     producer_addr: &str,
     consumer_addr: &str,
     s: &Scenario,
     clock: Instant,
 ) -> Result<Outcome, ClientError> {
-    let mut consumer_app = connect(consumer_addr).await?;
-    let mut consumer = Consumer::subscribe(&mut consumer_app, &s.subscription, 4096).await?;
     let producer = connect(producer_addr).await?;
-    let start = Instant::now();
+    let mut start = Instant::now();
     let deadline = start + s.deadline;
+    let published = match s.mode {
+        Mode::Drain { .. } => {
+            let published = publish(producer.clone(), s, clock, deadline).await;
+            Some((published, start.elapsed()))
+        }
+        _ => None,
+    };
+    let mut consumer_app = connect(consumer_addr).await?;
+    let mut consumer = Consumer::subscribe(&mut consumer_app, &s.subscription, CREDITS).await?;
+    if published.is_some() {
+        start = Instant::now();
+    }
     let run_id = s.id.clone();
     let count = s.count;
     let collector = tokio::spawn(async move {
         let mut latencies = Latencies::default();
         let mut last = Duration::ZERO;
         while (latencies.len() as u64) < count && Instant::now() < deadline {
-            match consumer.next(Duration::from_millis(200)).await {
-                Ok(Some(Event::Delivery(d))) => {
-                    let now = clock.elapsed();
-                    if d.headers.get(RUN_HEADER) == Some(&run_id)
-                        && let Some(t) = d
-                            .headers
-                            .get(TIME_HEADER)
-                            .and_then(|t| t.parse::<u64>().ok())
-                    {
-                        latencies.record(now.saturating_sub(Duration::from_micros(t)));
-                        last = start.elapsed();
+            // What already arrived is acked in one frame that also refills the window.
+            let mut acks = Vec::new();
+            let mut event = consumer.next(Duration::from_millis(200)).await;
+            loop {
+                match event {
+                    Ok(Some(Event::Delivery(d))) => {
+                        let now = clock.elapsed();
+                        if d.headers.get(RUN_HEADER) == Some(&run_id)
+                            && let Some(t) = d
+                                .headers
+                                .get(TIME_HEADER)
+                                .and_then(|t| t.parse::<u64>().ok())
+                        {
+                            latencies.record(now.saturating_sub(Duration::from_micros(t)));
+                            last = start.elapsed();
+                        }
+                        acks.push(d.delivery_id);
                     }
-                    if consumer.ack_and_refill(&d.delivery_id).is_err() {
-                        break;
-                    }
+                    Ok(_) => {}
+                    Err(_) => return (latencies, last),
                 }
-                Ok(_) => {}
-                Err(_) => break,
+                if acks.len() >= ACK_BATCH {
+                    break;
+                }
+                // Only what is already here: a zero timeout answers `Ok(None)` at once.
+                match consumer.next(Duration::ZERO).now_or_never() {
+                    Some(Ok(None)) | None => break,
+                    Some(e) => event = e,
+                }
+            }
+            if !acks.is_empty() && consumer.ack_all_and_refill(acks).is_err() {
+                break;
             }
         }
         (latencies, last)
     });
-    let (sent, errors) = publish(producer, s, clock, deadline).await;
-    let publish_elapsed = start.elapsed();
+    let ((sent, errors), publish_elapsed) = match published {
+        Some(done) => done,
+        None => {
+            let published = publish(producer, s, clock, deadline).await;
+            (published, start.elapsed())
+        }
+    };
     let (latencies, last_delivery) = collector.await.unwrap_or_default();
     Ok(Outcome {
         sent,
@@ -200,7 +239,7 @@ async fn publish(app: App, s: &Scenario, clock: Instant, deadline: Instant) -> (
                 let _ = t.await;
             }
         }
-        Mode::Streamed { batch, window } => {
+        Mode::Streamed { batch, window } | Mode::Drain { batch, window } => {
             let (tx, rx) = mpsc::channel(window.max(1));
             let feeder = {
                 let (s, payload) = (s.clone(), payload.clone());

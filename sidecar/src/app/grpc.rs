@@ -147,29 +147,54 @@ impl App for AppService {
                     Ok(Some(ConsumeRequest { frame: None })) => continue,
                     Ok(None) | Err(_) => break,
                 };
-                let (id, result) = match frame {
+                let results = match frame {
                     In::Credit(c) => {
                         session.add_credit(u64::from(c.n));
                         continue;
                     }
                     In::Ack(a) => {
-                        let r = engine.consumer.settle(&a.delivery_id, None);
-                        (a.delivery_id, r)
+                        let ids = (!a.delivery_id.is_empty())
+                            .then_some(a.delivery_id)
+                            .into_iter()
+                            .chain(a.delivery_ids);
+                        let mut results: Vec<_> = ids
+                            .map(|id| {
+                                let r = engine.consumer.settle(&id, None);
+                                (id, r)
+                            })
+                            .collect();
+                        if results.is_empty() && a.credit == 0 {
+                            results.push((
+                                String::new(),
+                                Err(Error::InvalidArgument(
+                                    "an ack frame names no delivery id".into(),
+                                )),
+                            ));
+                        }
+                        if a.credit > 0 {
+                            session.add_credit(u64::from(a.credit));
+                        }
+                        results
                     }
                     In::Nack(n) => {
                         let r = engine.consumer.settle(&n.delivery_id, Some(n.delay_ms));
-                        (n.delivery_id, r)
+                        vec![(n.delivery_id, r)]
                     }
-                    In::Subscribe(_) => (
+                    In::Subscribe(_) => vec![(
                         String::new(),
                         Err(Error::InvalidArgument(
                             "a consume stream subscribes once; open another stream".into(),
                         )),
-                    ),
+                    )],
                 };
-                if let Err(e) = result
-                    && ctl_tx.send(consume_error(id, &e)).is_err()
-                {
+                let failed = results
+                    .into_iter()
+                    .filter_map(|(id, r)| r.err().map(|e| (id, e)));
+                let mut answered = true;
+                for (id, e) in failed {
+                    answered &= ctl_tx.send(consume_error(id, &e)).is_ok();
+                }
+                if !answered {
                     break;
                 }
             }
