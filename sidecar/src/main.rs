@@ -8,6 +8,12 @@ use ferry_sidecar::routing::etcd::{EtcdOptions, EtcdSource};
 use ferry_sidecar::routing::{FileSource, RoutingSource, StaticSource};
 use ferry_sidecar::runtime::Sidecar;
 
+/// mimalloc: the sidecar allocates and frees a few small buffers per message (protobuf
+/// fields, headers, delivery ids) across threads, where glibc's malloc spent about a third of
+/// the producer's instructions (measured with callgrind on `ferryctl bench`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
