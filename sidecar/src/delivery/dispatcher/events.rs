@@ -278,7 +278,11 @@ impl Dispatcher {
                 Settlement::DeadLettered => 2,
             })
             .unwrap_or(Settlement::Acked);
-        if let Some(e) = self.entries.remove(&offset)
+        let removed = self.entries.remove(&offset);
+        if let Some(e) = &removed {
+            self.entry_bytes = self.entry_bytes.saturating_sub(e.message.payload.len());
+        }
+        if let Some(e) = removed
             && let Some(k) = e.message.key
         {
             if self.key_busy.get(&k) == Some(&offset) {

@@ -38,7 +38,9 @@ mod timers;
 pub use send::peer_message;
 
 /// Most messages a dispatcher holds in memory at once.
-const WINDOW: usize = 32768;
+const WINDOW: usize = 8192;
+/// Most payload bytes a dispatcher holds in memory at once (large messages hit this first).
+const WINDOW_BYTES: usize = 64 << 20;
 /// Records read from the store per read.
 const READ_BATCH: usize = 512;
 /// Events handled per round before dispatching again.
@@ -144,6 +146,8 @@ struct Dispatcher {
     /// Boxed: the tree moves only pointers when it splits or merges nodes (an `Entry` is a
     /// few hundred bytes, and the window turns over at the delivery rate).
     entries: BTreeMap<Offset, Box<Entry>>,
+    /// Payload bytes of `entries`.
+    entry_bytes: usize,
     ready: BTreeSet<Offset>,
     timers: BinaryHeap<Reverse<(Instant, Offset)>>,
     key_busy: foldhash::HashMap<String, Offset>,
@@ -214,6 +218,7 @@ pub async fn run(
         tx,
         members: Vec::new(),
         entries: BTreeMap::new(),
+        entry_bytes: 0,
         ready: BTreeSet::new(),
         timers: BinaryHeap::new(),
         key_busy: Default::default(),
@@ -230,14 +235,14 @@ pub async fn run(
     let mut written = d.store.watch_written();
     let mut peers_changed = d.engine.peers.watch_liveness();
     loop {
-        if d.entries.len() < WINDOW && d.read_next < *written.borrow_and_update() {
+        if d.has_window() && d.read_next < *written.borrow_and_update() {
             d.fill().await;
         }
         d.dispatch();
         d.flush_settles();
         d.update_gauges();
         let next_timer = d.timers.peek().map(|Reverse((at, _))| *at);
-        let more_to_read = d.entries.len() < WINDOW && d.read_next < *written.borrow();
+        let more_to_read = d.has_window() && d.read_next < *written.borrow();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
@@ -375,6 +380,7 @@ impl Dispatcher {
             // Messages whose custody moved here may have reached the app already.
             let recovered =
                 offset < self.store.recovered || crate::replica::moved_custody(&message);
+            self.entry_bytes += message.payload.len();
             self.entries.insert(
                 offset,
                 Box::new(Entry {
@@ -387,6 +393,11 @@ impl Dispatcher {
             );
             self.ready.insert(offset);
         }
+    }
+
+    /// Whether the window may take more messages from the log.
+    fn has_window(&self) -> bool {
+        self.entries.len() < WINDOW && self.entry_bytes < WINDOW_BYTES
     }
 
     fn has_room(&self) -> bool {
