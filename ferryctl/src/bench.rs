@@ -113,6 +113,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let producer = mesh.endpoints("producer")?.app_grpc.to_string();
     let consumer = mesh.endpoints("consumer")?.app_grpc.to_string();
+    // Idle memory: every sidecar up, its topics open, nothing published yet.
+    let idle: Vec<String> = mesh
+        .processes()
+        .map(|p| {
+            let rss = proc_stat::rss_bytes(p.pid).unwrap_or(0);
+            format!("{} {:.1} MiB", p.spec.pod.name, rss as f64 / f64::from(1u32 << 20))
+        })
+        .collect();
+    println!("idle RSS: {}", idle.join(", "));
     let clock = Instant::now();
     println!("{}", header());
     let mut scenarios = Vec::new();
@@ -211,9 +220,8 @@ async fn measure(
     let fsyncs = || async {
         let mut total = None;
         for p in mesh.processes() {
-            if let Ok(samples) = metrics::scrape(p.spec.endpoints.admin).await
-                && samples.iter().any(|x| x.name.contains("fsync"))
-            {
+            // A log that never synced has no sample yet: that counts as 0.
+            if let Ok(samples) = metrics::scrape(p.spec.endpoints.admin).await {
                 *total.get_or_insert(0.0) += metrics::counter(&samples, "fsync");
             }
         }
