@@ -10,6 +10,10 @@ use clap::Parser;
 
 use crate::error::Error;
 
+/// Default of `--dedup-max-ids`: 2 minutes of ids at about 2,000 messages per second, about
+/// 40 MiB at the limit.
+pub const DEFAULT_DEDUP_MAX_IDS: usize = 1 << 18;
+
 /// Command line and environment of `ferry-sidecar`.
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -70,6 +74,13 @@ pub struct Config {
     /// fsync interval of `DiskAsync` topics.
     #[arg(long, env = "FERRY_ASYNC_SYNC_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
     pub async_sync_interval: Duration,
+    /// Most message ids a topic's publish dedup window remembers. The window is time-based
+    /// (`dedupWindow`), and at a high publish rate it would hold millions of ids; past this
+    /// many the oldest are forgotten before their time (`ferry_sidecar_dedup_evicted_total`
+    /// counts them), which shortens the window rather than growing memory without bound.
+    /// About 150 bytes per id.
+    #[arg(long, env = "FERRY_DEDUP_MAX_IDS", default_value_t = DEFAULT_DEDUP_MAX_IDS)]
+    pub dedup_max_ids: usize,
     /// A replica takes custody of a producer's `Replicated` copies once the producer has not
     /// answered for this long (it does so at once when the producer's member record leaves
     /// the routing table). Shorter means faster recovery from a lost node and more
@@ -103,6 +114,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(5),
             service_account: "default".into(),
             async_sync_interval: Duration::from_millis(50),
+            dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
             replica_takeover_after: Duration::from_secs(60),
         }
     }
@@ -110,6 +122,13 @@ impl Config {
     /// Checks what clap cannot: names, loopback-only app API, a usable data dir.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |flag: &str, why: String| Err(Error::Config(format!("--{flag}: {why}")));
+        if self.dedup_max_ids == 0 {
+            return bad(
+                "dedup-max-ids",
+                "must be at least 1 (set a topic's dedupWindow to 0 to turn deduplication off)"
+                    .into(),
+            );
+        }
         if self.pod_name.trim().is_empty() {
             return bad("pod-name", "must not be empty".into());
         }

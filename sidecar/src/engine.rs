@@ -175,6 +175,12 @@ impl Engine {
                 .get_or_create(&Metrics::topic(topic))
                 .clone(),
             settled_ids: Some(self.replicator.settled_sender()),
+            dedup_max_ids: self.config.dedup_max_ids,
+            dedup_evicted: self
+                .metrics
+                .dedup_evicted
+                .get_or_create(&Metrics::topic(topic))
+                .clone(),
         };
         let store =
             tokio::task::spawn_blocking(move || TopicStore::open(&entry, &data_dir, &options))

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub publish_to_ack_seconds: HistogramFamily<SubLabels>,
     /// fsyncs of each topic's log (group commit makes this far lower than messages).
     pub fsyncs: Family<TopicLabels, Counter>,
+    /// Publish dedup ids forgotten before their `dedupWindow` ended (`--dedup-max-ids`).
+    pub dedup_evicted: Family<TopicLabels, Counter>,
     /// Messages whose copies `replicas - 1` replicas fsynced (producer side).
     pub replicated: Family<TopicLabels, Counter>,
     /// Messages handed to a peer on SIGTERM.
@@ -110,6 +112,7 @@ impl Metrics {
             oldest_age_seconds: Family::default(),
             publish_to_ack_seconds: Family::new_with_constructor(latency_histogram),
             fsyncs: Family::default(),
+            dedup_evicted: Family::default(),
             replicated: Family::default(),
             handed_off: Family::default(),
             taken_over: Family::default(),
@@ -182,6 +185,11 @@ impl Metrics {
             m.publish_to_ack_seconds.clone(),
         );
         registry.register("fsyncs", "fsyncs of the topic's log", m.fsyncs.clone());
+        registry.register(
+            "dedup_evicted",
+            "publish dedup ids forgotten before their window ended (--dedup-max-ids)",
+            m.dedup_evicted.clone(),
+        );
         registry.register(
             "replicated",
             "Messages fsynced by replicas - 1 replicas before the ack",

@@ -16,6 +16,8 @@ use foldhash::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::dedup_journal::{DedupJournal, JournalEntry, JournalError};
 use crate::clock::Anchor;
 use crate::log::{Log, Offset};
@@ -33,6 +35,10 @@ pub struct DedupWindow {
     order: VecDeque<(Instant, String)>,
     journal: Option<DedupJournal>,
     anchor: Anchor,
+    /// Most ids kept; the oldest go first, before their time, past it.
+    max_ids: usize,
+    /// Ids forgotten before their time.
+    evicted: Counter,
 }
 
 impl DedupWindow {
@@ -44,6 +50,29 @@ impl DedupWindow {
             order: VecDeque::new(),
             journal: None,
             anchor: crate::clock::anchor(),
+            max_ids: usize::MAX,
+            evicted: Counter::default(),
+        }
+    }
+
+    /// Keeps at most `max_ids` ids (at least one), counting those forgotten early in
+    /// `evicted`: memory stays bounded whatever the publish rate, at the cost of a shorter
+    /// window when the rate is high.
+    pub fn limit(mut self, max_ids: usize, evicted: Counter) -> Self {
+        self.max_ids = max_ids.max(1);
+        self.evicted = evicted;
+        self.evict_over_limit();
+        self
+    }
+
+    fn evict_over_limit(&mut self) {
+        while self.seen.len() > self.max_ids {
+            let Some((_, id)) = self.order.pop_front() else {
+                return;
+            };
+            if self.seen.remove(&id).is_some() {
+                self.evicted.inc();
+            }
         }
     }
 
@@ -151,6 +180,7 @@ impl DedupWindow {
                 });
             }
             self.order.push_back((now + self.window, id));
+            self.evict_over_limit();
         }
     }
 
@@ -219,6 +249,22 @@ impl DedupWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn past_the_limit_the_oldest_ids_go_first_and_are_counted() {
+        let evicted = Counter::default();
+        let mut d = DedupWindow::new(Duration::from_secs(60)).limit(3, evicted.clone());
+        let t0 = Instant::now();
+        for (i, id) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+            d.insert(id.into(), i as Offset, t0);
+        }
+        assert_eq!(d.len(), 3);
+        assert_eq!(evicted.get(), 2);
+        assert_eq!(d.get("a", t0), None);
+        assert_eq!(d.get("b", t0), None);
+        assert_eq!(d.get("c", t0), Some(2));
+        assert_eq!(d.get("e", t0), Some(4));
+    }
 
     #[test]
     fn remembers_within_window_and_forgets_after() {

@@ -136,6 +136,10 @@ pub struct StoreOptions {
     pub fsyncs: Counter,
     /// For `Replicated` topics: where settled ids go (see [`SettledIds`]).
     pub settled_ids: Option<SettledIds>,
+    /// Most ids the dedup window keeps (`--dedup-max-ids`).
+    pub dedup_max_ids: usize,
+    /// Counts ids forgotten before their window ended (`ferry_sidecar_dedup_evicted_total`).
+    pub dedup_evicted: Counter,
 }
 
 /// Handle to one topic's store thread. Cheap to share (`Arc`).
@@ -191,6 +195,7 @@ impl TopicStore {
                 Box::new(log)
             }
         };
+        let dedup = dedup.limit(options.dedup_max_ids, options.dedup_evicted.clone());
         Self::start_with_dedup(entry, log, dedup, options)
     }
 
@@ -200,7 +205,8 @@ impl TopicStore {
         log: Box<dyn Log>,
         options: &StoreOptions,
     ) -> Result<Arc<Self>, Error> {
-        let dedup = DedupWindow::new(Duration::from_millis(entry.dedup_window_ms));
+        let dedup = DedupWindow::new(Duration::from_millis(entry.dedup_window_ms))
+            .limit(options.dedup_max_ids, options.dedup_evicted.clone());
         Self::start_with_dedup(entry, log, dedup, options)
     }
 

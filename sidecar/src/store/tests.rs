@@ -21,6 +21,8 @@ fn opts() -> StoreOptions {
         settled_ids: None,
         async_sync_interval: Duration::from_millis(5),
         fsyncs: Default::default(),
+        dedup_max_ids: 1 << 10,
+        dedup_evicted: Default::default(),
     }
 }
 
