@@ -284,7 +284,10 @@ impl Engine {
                 id,
                 key: r.key,
                 headers,
-                payload: r.payload,
+                // A copy: the decoded payload is a slice of the request's whole receive
+                // buffer (8 KiB or more), which the log's tail and the dispatchers would
+                // otherwise keep alive for every small message they hold.
+                payload: bytes::Bytes::copy_from_slice(&r.payload),
                 publish_time_ms: now,
                 key_sequence: 0,
                 ttl_ms: r.ttl_ms,

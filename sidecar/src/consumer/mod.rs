@@ -332,7 +332,9 @@ impl Consumer {
                             topic: d.topic,
                             key: m.key,
                             headers: m.headers,
-                            payload: m.payload,
+                            // A copy, not a slice of the forwarded batch's buffer (up
+                            // to 2 MiB), which one held delivery would keep alive.
+                            payload: bytes::Bytes::copy_from_slice(&m.payload),
                             publish_time_ms: m.publish_time_ms,
                             attempt: d.attempt,
                             key_sequence: m.key_sequence,
