@@ -118,7 +118,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .processes()
         .map(|p| {
             let rss = proc_stat::rss_bytes(p.pid).unwrap_or(0);
-            format!("{} {:.1} MiB", p.spec.pod.name, rss as f64 / f64::from(1u32 << 20))
+            format!(
+                "{} {:.1} MiB",
+                p.spec.pod.name,
+                rss as f64 / f64::from(1u32 << 20)
+            )
         })
         .collect();
     println!("idle RSS: {}", idle.join(", "));
@@ -180,6 +184,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 per_sec: args.rate,
                 max_outstanding: 1024,
             },
+            count: (f64::from(args.rate) * args.rate_duration.as_secs_f64()) as u64,
+            deadline: args
+                .scenario_timeout
+                .max(args.rate_duration + Duration::from_secs(10)),
+        });
+        scenarios.push(Scenario {
+            id: format!(
+                "{}-256-fixed-stream-{}/s",
+                d.to_ascii_lowercase(),
+                args.rate
+            ),
+            topic: format!("default/{}", topic_name(d)),
+            subscription: format!("default/{}", topic_name(d)),
+            payload_bytes: 256,
+            mode: Mode::FixedRateStream { per_sec: args.rate },
             count: (f64::from(args.rate) * args.rate_duration.as_secs_f64()) as u64,
             deadline: args
                 .scenario_timeout

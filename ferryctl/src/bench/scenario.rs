@@ -40,6 +40,10 @@ pub enum Mode {
     /// As `Streamed`, but nobody consumes until every message is published: the end-to-end
     /// rate is how fast a backlog drains (peak shaving), with no publishing beside it.
     Drain { batch: usize, window: usize },
+    /// A fixed rate (open loop) on one `PublishStream`: every millisecond, one batch of the
+    /// messages due by then, each stamped with its own due time (as a producer library
+    /// with a 1 ms linger would publish).
+    FixedRateStream { per_sec: u32 },
     /// Unary calls at a fixed rate (open loop), at most `max_outstanding` unanswered.
     FixedRate {
         per_sec: u32,
@@ -259,30 +263,41 @@ async fn publish(app: App, s: &Scenario, clock: Instant, deadline: Instant) -> (
                     }
                 })
             };
-            let mut app = app;
-            match app.publish_stream(ReceiverStream::new(rx)).await {
-                Ok(response) => {
-                    let mut results = response.into_inner();
-                    while let Ok(Ok(Some(r))) =
-                        tokio::time::timeout_at(deadline.into(), results.message()).await
-                    {
-                        for one in r.results {
-                            let counter = if matches!(one.result, Some(OneResult::Ok(_))) {
-                                &ok
-                            } else {
-                                &failed
-                            };
-                            counter.fetch_add(1, Ordering::Relaxed);
+            stream_results(app, rx, s.count, deadline, (&ok, &failed)).await;
+            feeder.abort();
+        }
+        Mode::FixedRateStream { per_sec } => {
+            let (tx, rx) = mpsc::channel(1024);
+            let feeder = {
+                let (s, payload) = (s.clone(), payload.clone());
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    let base = micros(clock);
+                    let per_us = f64::from(per_sec.max(1)) / 1e6;
+                    let mut tick = tokio::time::interval(Duration::from_millis(1));
+                    let (mut sent, mut batch_id) = (0u64, 0u64);
+                    while sent < s.count && Instant::now() < deadline {
+                        tick.tick().await;
+                        let elapsed = u64::try_from(start.elapsed().as_micros()).unwrap_or(0);
+                        let due = ((elapsed as f64 * per_us) as u64 + 1).min(s.count);
+                        let messages: Vec<_> = (sent..due)
+                            .map(|i| {
+                                let at = base + (i as f64 / per_us) as u64;
+                                request(&s, &payload, at)
+                            })
+                            .collect();
+                        if messages.is_empty() {
+                            continue;
                         }
-                        if ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= s.count {
+                        sent = due;
+                        batch_id += 1;
+                        if tx.send(PublishBatch { batch_id, messages }).await.is_err() {
                             break;
                         }
                     }
-                }
-                Err(_) => {
-                    failed.fetch_add(s.count, Ordering::Relaxed);
-                }
-            }
+                })
+            };
+            stream_results(app, rx, s.count, deadline, (&ok, &failed)).await;
             feeder.abort();
         }
         Mode::FixedRate {
@@ -300,4 +315,35 @@ async fn publish(app: App, s: &Scenario, clock: Instant, deadline: Instant) -> (
         }
     }
     (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+/// Publishes the batches of `rx` on one `PublishStream` and counts each message's result in
+/// `(ok, failed)`, until `count` are answered or the deadline passes.
+async fn stream_results(
+    mut app: App,
+    rx: mpsc::Receiver<PublishBatch>,
+    count: u64,
+    deadline: Instant,
+    (ok, failed): (&AtomicU64, &AtomicU64),
+) {
+    let mut results = match app.publish_stream(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(_) => {
+            failed.fetch_add(count, Ordering::Relaxed);
+            return;
+        }
+    };
+    while let Ok(Ok(Some(r))) = tokio::time::timeout_at(deadline.into(), results.message()).await {
+        for one in r.results {
+            let counter = if matches!(one.result, Some(OneResult::Ok(_))) {
+                ok
+            } else {
+                failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        if ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) >= count {
+            break;
+        }
+    }
 }
