@@ -6,6 +6,7 @@
 //! - `held.rs`: what the inbox keeps per delivery, including ExactlyOnce twins (copies of
 //!   a held message from another origin, answered by the same settlement).
 //! - `ids.rs`: delivery ids.
+//! - `session.rs`: an app's consume session (credit in, deliveries out, returns on close).
 //! - `acked.rs`: acked (producer, offset) pairs remembered, so that a producer repeating a
 //!   delivery (after a restart or a lost ack) gets ACKED back, not a second copy to the app.
 //! - `acked_journal.rs`: ExactlyOnce acked ids on disk, fsynced before the upstream ack, so
@@ -22,10 +23,13 @@ pub mod ids;
 pub mod inbox;
 #[cfg(test)]
 mod namespace_tests;
+mod session;
+
+pub use session::Session;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -96,14 +100,6 @@ pub struct Consumer {
     next_session: AtomicU64,
     /// Where ExactlyOnce acked ids are kept; `None` keeps them in memory only.
     data_dir: Option<PathBuf>,
-}
-
-/// An app's consume session; closing it (or dropping it) returns what it holds.
-#[derive(Debug)]
-pub struct Session {
-    consumer: Arc<Consumer>,
-    inbox: Arc<Inbox>,
-    id: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -363,35 +359,6 @@ impl Consumer {
         }
     }
 
-    /// Opens a consume session on `subscription` (`namespace/name`) with `credit`.
-    /// `nack_on_close`: deliveries still unacked when the session closes go back to their
-    /// producers at once (streams); HTTP fetches leave them until their ackWait.
-    pub fn open_session(
-        self: &Arc<Self>,
-        subscription: &str,
-        credit: u64,
-        nack_on_close: bool,
-    ) -> Result<(Session, mpsc::UnboundedReceiver<Delivery>), Error> {
-        let table = self.routing.borrow().clone();
-        let inbox = self.inbox(subscription, &table)?;
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let handed = {
-            let mut state = lock(&inbox.state);
-            state.open_session(id, credit, tx, nack_on_close, Instant::now());
-            state.take_handed()
-        };
-        self.count_delivered(&inbox, handed);
-        Ok((
-            Session {
-                consumer: self.clone(),
-                inbox,
-                id,
-            },
-            rx,
-        ))
-    }
-
     /// Acks (`nack = None`) or nacks a delivery by id.
     pub fn settle(&self, delivery_id: &str, nack: Option<u64>) -> Result<(), Error> {
         let unknown = || Error::UnknownDelivery(delivery_id.to_owned());
@@ -475,35 +442,5 @@ impl Consumer {
             lock(&inbox.state).return_all(reason, &mut replies);
         }
         self.send(replies);
-    }
-}
-
-impl Session {
-    /// The subscription (`namespace/name`).
-    pub fn subscription(&self) -> &str {
-        &self.inbox.subscription
-    }
-
-    /// The subscription's topic (`namespace/name`).
-    pub fn topic(&self) -> &str {
-        &self.inbox.topic
-    }
-
-    /// Grants `n` more deliveries.
-    pub fn add_credit(&self, n: u64) {
-        let handed = {
-            let mut state = lock(&self.inbox.state);
-            state.add_credit(self.id, n, Instant::now());
-            state.take_handed()
-        };
-        self.consumer.count_delivered(&self.inbox, handed);
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let mut replies = Vec::new();
-        lock(&self.inbox.state).close_session(self.id, &mut replies);
-        self.consumer.send(replies);
     }
 }

@@ -13,9 +13,8 @@ use tokio::sync::{oneshot, watch};
 use super::dedup::DedupWindow;
 use super::settled_index::SettledIndex;
 use super::tail::Tail;
-use super::{AppendItem, AppendOutcome, Command, ReadBatch, StoreOptions, StoreStats};
+use super::{Command, StoreOptions, StoreStats};
 use crate::error::Error;
-use crate::log::record::message_record_len;
 use crate::log::{Log, Offset};
 
 /// Most commands handled in one round; bounds the latency of the first one.
@@ -24,6 +23,9 @@ const MAX_ROUND: usize = 4096;
 const COMPACT_EVERY: Duration = Duration::from_secs(1);
 /// How many records one read may scan past records this subscription already settled.
 const READ_SCAN_ROUNDS: usize = 8;
+
+mod answer;
+mod append;
 
 pub(super) struct StoreThread {
     topic: String,
@@ -247,200 +249,6 @@ impl StoreThread {
         }
     }
 
-    /// Answers a read-only command (`Read`, `Cursor`, `Unsettled`).
-    fn answer(&self, c: Command) {
-        match c {
-            Command::Read {
-                subscription,
-                from,
-                max,
-                reply,
-            } => {
-                let _ = reply.send(self.read(&subscription, from, max));
-            }
-            Command::Cursor {
-                subscription,
-                reply,
-            } => {
-                let _ = reply.send(self.log.cursor(&subscription));
-            }
-            Command::Unsettled {
-                subscription,
-                below,
-                reply,
-            } => {
-                let from = self.log.cursor(&subscription).unwrap_or(below);
-                let n = (from.max(self.log.first())..below.min(self.log.written()))
-                    .filter(|o| !self.log.is_settled(&subscription, *o))
-                    .count();
-                let _ = reply.send(n as u64);
-            }
-            Command::Holds { ids, reply } => {
-                let index = self.settled_index.as_ref();
-                let unsettled = index.map_or_else(|| vec![false; ids.len()], |i| i.holds(&ids));
-                // Settled ids leave the index; the dedup window still says this log stored
-                // them (it forgets the ids of records recovery lost), so a re-learn does not
-                // take back what was already delivered here.
-                let lost = self.log.lost();
-                let written = self.log.written();
-                let stored = |id: &String| {
-                    self.dedup.stored_at(id).is_some_and(|o| {
-                        o < written && !lost.iter().any(|range| range.contains(&o))
-                    })
-                };
-                let held = ids
-                    .iter()
-                    .zip(unsettled)
-                    .map(|(id, unsettled)| unsettled || stored(id))
-                    .collect();
-                let _ = reply.send(held);
-            }
-            Command::Append { .. }
-            | Command::Settle(_)
-            | Command::SetSubscriptions(_)
-            | Command::Flush(_) => {}
-        }
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn append(
-        &mut self,
-        requests: Vec<(
-            Vec<AppendItem>,
-            oneshot::Sender<Result<Vec<AppendOutcome>, Error>>,
-        )>,
-    ) -> Vec<(
-        oneshot::Sender<Result<Vec<AppendOutcome>, Error>>,
-        Result<Vec<AppendOutcome>, Error>,
-        Vec<(Offset, oneshot::Sender<()>)>,
-    )> {
-        let now = Instant::now();
-        let base = self.log.written();
-        let mut batch = Vec::new();
-        let mut pending_bytes = 0u64;
-        // Without a dedup window there is nothing to remember per id (no map, no clone).
-        let dedup = self.dedup.enabled();
-        let mut round_ids: HashMap<String, Offset> = HashMap::new();
-        let mut round_keys: HashMap<String, u64> = HashMap::new();
-        let mut accepted = Vec::new();
-        let mut out = Vec::new();
-        for (items, reply) in requests {
-            let bytes: u64 = items
-                .iter()
-                .map(|i| message_record_len(&i.message) as u64)
-                .sum();
-            let backlog = self.log.backlog_bytes();
-            if self.durability != Durability::Memory
-                && backlog.saturating_add(pending_bytes).saturating_add(bytes) > self.max_backlog
-            {
-                let _ = reply.send(Err(Error::BacklogFull {
-                    topic: self.topic.clone(),
-                    limit: format!("retention.maxBytes = {} bytes", self.max_backlog),
-                    current: backlog.saturating_add(pending_bytes),
-                }));
-                continue;
-            }
-            pending_bytes += bytes;
-            let mut outcomes = Vec::with_capacity(items.len());
-            let mut waiters = Vec::new();
-            for item in items {
-                let offset = base + batch.len() as u64;
-                if dedup && !item.bypass_dedup {
-                    let id = &item.message.id;
-                    let seen = round_ids
-                        .get(id)
-                        .copied()
-                        .or_else(|| self.dedup.get(id, now));
-                    if let Some(offset) = seen {
-                        outcomes.push(AppendOutcome::Duplicate(offset));
-                        continue;
-                    }
-                    round_ids.insert(id.clone(), offset);
-                }
-                let mut message = item.message;
-                if self.ordered
-                    && let Some(k) = &message.key
-                {
-                    let seq = round_keys
-                        .get(k)
-                        .copied()
-                        .or_else(|| self.key_sequences.get(k).copied())
-                        .unwrap_or(0)
-                        + 1;
-                    round_keys.insert(k.clone(), seq);
-                    message.key_sequence = seq;
-                }
-                batch.push(message);
-                if let Some(tx) = item.delivered {
-                    waiters.push((offset, tx));
-                }
-                outcomes.push(AppendOutcome::Stored(offset));
-            }
-            accepted.push((reply, outcomes, waiters));
-        }
-        if batch.is_empty() {
-            for (reply, outcomes, waiters) in accepted {
-                out.push((reply, Ok(outcomes), waiters));
-            }
-            return out;
-        }
-        match self.log.append(&batch) {
-            Ok(range) if range.start == base => {
-                self.dirty = true;
-                if let Some(index) = &mut self.settled_index {
-                    index.appended(base, batch.iter().map(|m| m.id.as_str()));
-                }
-                if let Some(tail) = &mut self.tail {
-                    tail.extend(base, batch);
-                }
-                for (id, offset) in round_ids {
-                    self.dedup.insert(id, offset, now);
-                }
-                self.dedup.flush();
-                self.key_sequences.extend(round_keys);
-                for (reply, outcomes, waiters) in accepted {
-                    out.push((reply, Ok(outcomes), waiters));
-                }
-            }
-            Ok(range) => {
-                if let Some(tail) = &mut self.tail {
-                    tail.clear();
-                }
-                // The log numbered the batch differently from what we told publishers.
-                let msg = format!(
-                    "log of {} appended at {range:?}, expected {base}",
-                    self.topic
-                );
-                tracing::error!("{msg}");
-                for (reply, _, _) in accepted {
-                    out.push((reply, Err(Error::Internal(msg.clone())), Vec::new()));
-                }
-            }
-            Err(e) => {
-                let e = Error::from_log(&self.topic, e);
-                tracing::warn!(topic = %self.topic, error = %e, "append failed");
-                let msg = e.to_string();
-                let code_full = matches!(e, Error::BacklogFull { .. });
-                let mut first = Some(e);
-                for (reply, _, _) in accepted {
-                    let err = first.take().unwrap_or_else(|| {
-                        if code_full {
-                            Error::BacklogFull {
-                                topic: self.topic.clone(),
-                                limit: msg.clone(),
-                                current: self.log.backlog_bytes(),
-                            }
-                        } else {
-                            Error::Internal(msg.clone())
-                        }
-                    });
-                    out.push((reply, Err(err), Vec::new()));
-                }
-            }
-        }
-        out
-    }
-
     fn settle(&mut self, items: Vec<super::SettleItem>) {
         for (sub, offset, how) in items {
             match self.log.settle(&sub, offset, how) {
@@ -469,43 +277,6 @@ impl StoreThread {
             }
             !done
         });
-    }
-
-    fn read(&self, subscription: &str, from: u64, max: usize) -> Result<ReadBatch, Error> {
-        let max = max.max(1);
-        if let Some(tail) = &self.tail
-            && let Some((records, next)) = tail.read(from, max, max * READ_SCAN_ROUNDS, |o| {
-                !self.log.is_settled(subscription, o)
-            })
-        {
-            return Ok(ReadBatch { records, next });
-        }
-        let mut records = Vec::new();
-        let mut next = from;
-        for _ in 0..READ_SCAN_ROUNDS {
-            let written = self.log.written();
-            if next >= written {
-                next = written;
-                break;
-            }
-            let got = self
-                .log
-                .read(next, max - records.len())
-                .map_err(|e| Error::from_log(&self.topic, e))?;
-            let full = got.len() == max - records.len();
-            match got.last() {
-                Some((last, _)) if full => next = last + 1,
-                _ => next = written,
-            }
-            records.extend(
-                got.into_iter()
-                    .filter(|(o, _)| !self.log.is_settled(subscription, *o)),
-            );
-            if records.len() >= max || !full {
-                break;
-            }
-        }
-        Ok(ReadBatch { records, next })
     }
 
     fn publish_stats(&self) {

@@ -1,0 +1,100 @@
+//! Read-only commands on the store thread: reads for dispatchers (from the tail when they
+//! keep up), cursors, unsettled counts and the re-learn `Holds` question.
+
+use super::{READ_SCAN_ROUNDS, StoreThread};
+use crate::error::Error;
+use crate::store::{Command, ReadBatch};
+
+impl StoreThread {
+    /// Answers a read-only command (`Read`, `Cursor`, `Unsettled`).
+    pub(super) fn answer(&self, c: Command) {
+        match c {
+            Command::Read {
+                subscription,
+                from,
+                max,
+                reply,
+            } => {
+                let _ = reply.send(self.read(&subscription, from, max));
+            }
+            Command::Cursor {
+                subscription,
+                reply,
+            } => {
+                let _ = reply.send(self.log.cursor(&subscription));
+            }
+            Command::Unsettled {
+                subscription,
+                below,
+                reply,
+            } => {
+                let from = self.log.cursor(&subscription).unwrap_or(below);
+                let n = (from.max(self.log.first())..below.min(self.log.written()))
+                    .filter(|o| !self.log.is_settled(&subscription, *o))
+                    .count();
+                let _ = reply.send(n as u64);
+            }
+            Command::Holds { ids, reply } => {
+                let index = self.settled_index.as_ref();
+                let unsettled = index.map_or_else(|| vec![false; ids.len()], |i| i.holds(&ids));
+                // Settled ids leave the index; the dedup window still says this log stored
+                // them (it forgets the ids of records recovery lost), so a re-learn does not
+                // take back what was already delivered here.
+                let lost = self.log.lost();
+                let written = self.log.written();
+                let stored = |id: &String| {
+                    self.dedup.stored_at(id).is_some_and(|o| {
+                        o < written && !lost.iter().any(|range| range.contains(&o))
+                    })
+                };
+                let held = ids
+                    .iter()
+                    .zip(unsettled)
+                    .map(|(id, unsettled)| unsettled || stored(id))
+                    .collect();
+                let _ = reply.send(held);
+            }
+            Command::Append { .. }
+            | Command::Settle(_)
+            | Command::SetSubscriptions(_)
+            | Command::Flush(_) => {}
+        }
+    }
+
+    fn read(&self, subscription: &str, from: u64, max: usize) -> Result<ReadBatch, Error> {
+        let max = max.max(1);
+        if let Some(tail) = &self.tail
+            && let Some((records, next)) = tail.read(from, max, max * READ_SCAN_ROUNDS, |o| {
+                !self.log.is_settled(subscription, o)
+            })
+        {
+            return Ok(ReadBatch { records, next });
+        }
+        let mut records = Vec::new();
+        let mut next = from;
+        for _ in 0..READ_SCAN_ROUNDS {
+            let written = self.log.written();
+            if next >= written {
+                next = written;
+                break;
+            }
+            let got = self
+                .log
+                .read(next, max - records.len())
+                .map_err(|e| Error::from_log(&self.topic, e))?;
+            let full = got.len() == max - records.len();
+            match got.last() {
+                Some((last, _)) if full => next = last + 1,
+                _ => next = written,
+            }
+            records.extend(
+                got.into_iter()
+                    .filter(|(o, _)| !self.log.is_settled(subscription, *o)),
+            );
+            if records.len() >= max || !full {
+                break;
+            }
+        }
+        Ok(ReadBatch { records, next })
+    }
+}

@@ -1,0 +1,155 @@
+//! Appending one round's publish requests: the backlog limit per request, dedup, per-key
+//! sequence numbers, then one log append for the whole round (its fsync follows in `round`).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use ferry_api::crd::Durability;
+use tokio::sync::oneshot;
+
+use super::StoreThread;
+use crate::error::Error;
+use crate::log::Offset;
+use crate::log::record::message_record_len;
+use crate::store::{AppendItem, AppendOutcome};
+
+impl StoreThread {
+    #[allow(clippy::type_complexity)]
+    pub(super) fn append(
+        &mut self,
+        requests: Vec<(
+            Vec<AppendItem>,
+            oneshot::Sender<Result<Vec<AppendOutcome>, Error>>,
+        )>,
+    ) -> Vec<(
+        oneshot::Sender<Result<Vec<AppendOutcome>, Error>>,
+        Result<Vec<AppendOutcome>, Error>,
+        Vec<(Offset, oneshot::Sender<()>)>,
+    )> {
+        let now = Instant::now();
+        let base = self.log.written();
+        let mut batch = Vec::new();
+        let mut pending_bytes = 0u64;
+        // Without a dedup window there is nothing to remember per id (no map, no clone).
+        let dedup = self.dedup.enabled();
+        let mut round_ids: HashMap<String, Offset> = HashMap::new();
+        let mut round_keys: HashMap<String, u64> = HashMap::new();
+        let mut accepted = Vec::new();
+        let mut out = Vec::new();
+        for (items, reply) in requests {
+            let bytes: u64 = items
+                .iter()
+                .map(|i| message_record_len(&i.message) as u64)
+                .sum();
+            let backlog = self.log.backlog_bytes();
+            if self.durability != Durability::Memory
+                && backlog.saturating_add(pending_bytes).saturating_add(bytes) > self.max_backlog
+            {
+                let _ = reply.send(Err(Error::BacklogFull {
+                    topic: self.topic.clone(),
+                    limit: format!("retention.maxBytes = {} bytes", self.max_backlog),
+                    current: backlog.saturating_add(pending_bytes),
+                }));
+                continue;
+            }
+            pending_bytes += bytes;
+            let mut outcomes = Vec::with_capacity(items.len());
+            let mut waiters = Vec::new();
+            for item in items {
+                let offset = base + batch.len() as u64;
+                if dedup && !item.bypass_dedup {
+                    let id = &item.message.id;
+                    let seen = round_ids
+                        .get(id)
+                        .copied()
+                        .or_else(|| self.dedup.get(id, now));
+                    if let Some(offset) = seen {
+                        outcomes.push(AppendOutcome::Duplicate(offset));
+                        continue;
+                    }
+                    round_ids.insert(id.clone(), offset);
+                }
+                let mut message = item.message;
+                if self.ordered
+                    && let Some(k) = &message.key
+                {
+                    let seq = round_keys
+                        .get(k)
+                        .copied()
+                        .or_else(|| self.key_sequences.get(k).copied())
+                        .unwrap_or(0)
+                        + 1;
+                    round_keys.insert(k.clone(), seq);
+                    message.key_sequence = seq;
+                }
+                batch.push(message);
+                if let Some(tx) = item.delivered {
+                    waiters.push((offset, tx));
+                }
+                outcomes.push(AppendOutcome::Stored(offset));
+            }
+            accepted.push((reply, outcomes, waiters));
+        }
+        if batch.is_empty() {
+            for (reply, outcomes, waiters) in accepted {
+                out.push((reply, Ok(outcomes), waiters));
+            }
+            return out;
+        }
+        match self.log.append(&batch) {
+            Ok(range) if range.start == base => {
+                self.dirty = true;
+                if let Some(index) = &mut self.settled_index {
+                    index.appended(base, batch.iter().map(|m| m.id.as_str()));
+                }
+                if let Some(tail) = &mut self.tail {
+                    tail.extend(base, batch);
+                }
+                for (id, offset) in round_ids {
+                    self.dedup.insert(id, offset, now);
+                }
+                self.dedup.flush();
+                self.key_sequences.extend(round_keys);
+                for (reply, outcomes, waiters) in accepted {
+                    out.push((reply, Ok(outcomes), waiters));
+                }
+            }
+            Ok(range) => {
+                if let Some(tail) = &mut self.tail {
+                    tail.clear();
+                }
+                // The log numbered the batch differently from what we told publishers.
+                let msg = format!(
+                    "log of {} appended at {range:?}, expected {base}",
+                    self.topic
+                );
+                tracing::error!("{msg}");
+                for (reply, _, _) in accepted {
+                    out.push((reply, Err(Error::Internal(msg.clone())), Vec::new()));
+                }
+            }
+            Err(e) => {
+                let e = Error::from_log(&self.topic, e);
+                tracing::warn!(topic = %self.topic, error = %e, "append failed");
+                let msg = e.to_string();
+                let code_full = matches!(e, Error::BacklogFull { .. });
+                let mut first = Some(e);
+                for (reply, _, _) in accepted {
+                    let err = first.take().unwrap_or_else(|| {
+                        if code_full {
+                            Error::BacklogFull {
+                                topic: self.topic.clone(),
+                                limit: msg.clone(),
+                                current: self.log.backlog_bytes(),
+                            }
+                        } else {
+                            Error::Internal(msg.clone())
+                        }
+                    });
+                    out.push((reply, Err(err), Vec::new()));
+                }
+            }
+        }
+        out
+    }
+}
