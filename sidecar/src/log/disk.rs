@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::io::{io_err, sync_dir};
+use super::reaper::Reaper;
 use super::record::{self, message_record_len};
 use super::recovery::{self, Recovered, RecoveryReport};
 use super::segment::{ActiveSegment, CUT_BACK, SealedSegment};
@@ -65,6 +66,8 @@ pub struct DiskLog {
     /// Reused encoding buffer and record starts within it.
     batch: Vec<u8>,
     starts: Vec<u32>,
+    /// Deletes settled segment files off the appending thread (`reaper.rs`).
+    reaper: Reaper,
 }
 
 impl DiskLog {
@@ -104,6 +107,8 @@ impl DiskLog {
             settlements.mark_lost(range);
         }
         let durable = active.next();
+        let reaper = Reaper::start(&dir.file_name().unwrap_or_default().to_string_lossy())
+            .map_err(io_err("start the segment reaper", &dir))?;
         let log = Self {
             dir,
             config,
@@ -113,6 +118,7 @@ impl DiskLog {
             store,
             durable,
             poisoned: false,
+            reaper,
             read_lost: Mutex::new(Vec::new()),
             batch: Vec::new(),
             starts: Vec::new(),
@@ -346,9 +352,10 @@ impl Log for DiskLog {
             if entry.get().next() > ack {
                 break;
             }
-            freed += entry.get().delete()?;
-            tracing::debug!(path = %entry.get().path().display(), "deleted settled segment");
-            entry.remove();
+            let segment = entry.remove();
+            freed += segment.file_size();
+            tracing::debug!(path = %segment.path().display(), "deleting settled segment");
+            self.reaper.delete(segment.path().to_path_buf());
         }
         if self.store.wants_rewrite(&self.settlements) {
             self.store

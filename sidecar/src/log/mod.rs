@@ -26,6 +26,7 @@ mod disk;
 mod io;
 mod memory;
 pub mod powerloss;
+mod reaper;
 pub mod record;
 mod recovery;
 mod scan;

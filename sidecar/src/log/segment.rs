@@ -359,11 +359,9 @@ impl SealedSegment {
         self.seg.read(from, max, skip, max_len, out)
     }
 
-    /// Deletes the file; returns its size. On error the segment stays usable.
-    pub fn delete(&self) -> Result<u64, LogError> {
-        let size = self.seg.file.metadata().map_or(self.seg.len, |m| m.len());
-        std::fs::remove_file(&self.seg.path).map_err(io_err("delete segment", &self.seg.path))?;
-        Ok(size)
+    /// The file's size on disk (what deleting it frees).
+    pub fn file_size(&self) -> u64 {
+        self.seg.file.metadata().map_or(self.seg.len, |m| m.len())
     }
 }
 
