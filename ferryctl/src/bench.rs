@@ -67,7 +67,9 @@ pub struct BenchArgs {
     pub subnet: [u8; 3],
 }
 
-/// The bench's resources: one topic per durability, one group, one subscription each.
+/// The bench's resources: one topic per durability, one group, one subscription each. The
+/// topics take 8 GiB of backlog: a `drain` scenario holds all of its messages before the
+/// consumer comes, and the previous scenario's last settlements may still be on their way.
 fn manifests(durabilities: &[String]) -> anyhow::Result<Manifests> {
     let mut yaml = String::from(
         "apiVersion: ferry.dev/v1alpha1\nkind: ConsumerGroup\nmetadata: {name: bench}\nspec:\n  selector: {matchLabels: {app: bench}}\n",
@@ -75,7 +77,7 @@ fn manifests(durabilities: &[String]) -> anyhow::Result<Manifests> {
     for d in durabilities {
         let name = topic_name(d);
         yaml.push_str(&format!(
-            "---\napiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {{name: {name}}}\nspec: {{durability: {d}, maxMessageBytes: 1048576, dedupWindow: 0s}}\n\
+            "---\napiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {{name: {name}}}\nspec: {{durability: {d}, maxMessageBytes: 1048576, dedupWindow: 0s, retention: {{maxBytes: 8Gi}}}}\n\
              ---\napiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}}}\nspec: {{topic: {name}, group: bench, maxInFlight: 16384, ackWait: 60s}}\n"
         ));
     }
