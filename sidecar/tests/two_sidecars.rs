@@ -185,14 +185,27 @@ async fn consume(
 }
 
 async fn next_delivery(s: &mut tonic::Streaming<ConsumeResponse>) -> Delivery {
+    next_frame(s, "delivery", |f| match f {
+        Out::Delivery(d) => Some(d),
+        _ => None,
+    })
+    .await
+}
+
+/// The next frame that `pick` takes, within 10 s; frames it leaves are skipped.
+async fn next_frame<T>(
+    s: &mut tonic::Streaming<ConsumeResponse>,
+    what: &str,
+    pick: impl Fn(Out) -> Option<T>,
+) -> T {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(10), s.message())
             .await
-            .expect("no delivery within 10 s")
+            .unwrap_or_else(|_| panic!("no {what} within 10 s"))
             .unwrap()
             .expect("stream ended");
-        if let Some(Out::Delivery(d)) = m.frame {
-            return d;
+        if let Some(t) = m.frame.and_then(&pick) {
+            return t;
         }
     }
 }
@@ -413,16 +426,11 @@ async fn one_ack_frame_acks_many_and_grants_credit() {
         })),
     })
     .unwrap();
-    let refused = loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("no settle error within 10 s")
-            .unwrap()
-            .expect("stream ended");
-        if let Some(Out::SettleError(e)) = m.frame {
-            break e;
-        }
-    };
+    let refused = next_frame(&mut stream, "settle error", |f| match f {
+        Out::SettleError(e) => Some(e),
+        _ => None,
+    })
+    .await;
     assert_eq!(refused.delivery_id, "1.2.3");
     wait_for("A's backlog of orders to settle", || {
         drained(&m.a, "shop/orders")
