@@ -200,35 +200,44 @@ fn set_live(link: &Link, liveness: &watch::Sender<u64>, live: bool) {
     }
 }
 
-/// Splits queued deliveries into requests of bounded size.
+/// Splits queued deliveries into requests of bounded size. A lone batch that fits goes as
+/// it is; otherwise each request is allocated once at its final size (a `Deliver` is a few
+/// hundred bytes: regrowing a batch of thousands copies it several times).
 fn coalesce(
     first: Vec<Deliver>,
     rx: &mut mpsc::UnboundedReceiver<Vec<Deliver>>,
 ) -> Vec<ForwardRequest> {
+    let size = |d: &Deliver| d.message.as_ref().map_or(0, |m| m.payload.len() + 64);
+    let mut batches = vec![first];
+    while batches.len() <= 64 {
+        match rx.try_recv() {
+            Ok(batch) => batches.push(batch),
+            Err(_) => break,
+        }
+    }
+    if let [only] = batches.as_slice()
+        && only.len() <= BATCH_COUNT
+        && only.iter().map(size).sum::<usize>() <= BATCH_BYTES
+    {
+        let deliveries = batches.pop().unwrap_or_default();
+        return vec![ForwardRequest { deliveries }];
+    }
+    let mut left: usize = batches.iter().map(Vec::len).sum();
     let mut out = Vec::new();
-    let mut cur = Vec::new();
+    let mut cur = Vec::with_capacity(left.min(BATCH_COUNT));
     let mut bytes = 0;
-    let mut push = |d: Deliver, out: &mut Vec<ForwardRequest>| {
-        let size = d.message.as_ref().map_or(0, |m| m.payload.len() + 64);
-        if !cur.is_empty() && (bytes + size > BATCH_BYTES || cur.len() >= BATCH_COUNT) {
+    for d in batches.into_iter().flatten() {
+        let n = size(&d);
+        if !cur.is_empty() && (bytes + n > BATCH_BYTES || cur.len() >= BATCH_COUNT) {
+            let next = Vec::with_capacity(left.min(BATCH_COUNT));
             out.push(ForwardRequest {
-                deliveries: std::mem::take(&mut cur),
+                deliveries: std::mem::replace(&mut cur, next),
             });
             bytes = 0;
         }
-        bytes += size;
+        bytes += n;
+        left -= 1;
         cur.push(d);
-    };
-    for d in first {
-        push(d, &mut out);
-    }
-    let mut more = 0;
-    while more < 64 {
-        match rx.try_recv() {
-            Ok(batch) => batch.into_iter().for_each(|d| push(d, &mut out)),
-            Err(_) => break,
-        }
-        more += 1;
     }
     if !cur.is_empty() {
         out.push(ForwardRequest { deliveries: cur });
@@ -296,5 +305,39 @@ async fn run_link(
                 _ = cancel.cancelled() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliveries(from: u64, n: u64) -> Vec<Deliver> {
+        (from..from + n)
+            .map(|offset| Deliver {
+                offset,
+                ..Deliver::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn coalesce_keeps_order_and_bounds_each_request() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // A lone batch that fits goes as it is.
+        let one = coalesce(deliveries(0, 10), &mut rx);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].deliveries.len(), 10);
+        // Queued batches are merged, split at BATCH_COUNT, in order.
+        tx.send(deliveries(10, BATCH_COUNT as u64)).unwrap();
+        tx.send(deliveries(10 + BATCH_COUNT as u64, 5)).unwrap();
+        let merged = coalesce(deliveries(0, 10), &mut rx);
+        let sizes: Vec<usize> = merged.iter().map(|r| r.deliveries.len()).collect();
+        assert_eq!(sizes, [BATCH_COUNT, 15]);
+        let offsets: Vec<u64> = merged
+            .iter()
+            .flat_map(|r| r.deliveries.iter().map(|d| d.offset))
+            .collect();
+        assert_eq!(offsets, (0..BATCH_COUNT as u64 + 15).collect::<Vec<_>>());
     }
 }

@@ -69,8 +69,8 @@ impl Tail {
             return None;
         }
         let mut next = from.max(*first);
-        let mut out = Vec::new();
         let start = usize::try_from(from - first).ok()?;
+        let mut out = Vec::with_capacity(max.min(self.records.len().saturating_sub(start)));
         for (o, m, _) in self
             .records
             .range(start.min(self.records.len())..)

@@ -116,6 +116,9 @@ struct Counters {
 struct Outbox {
     remote: HashMap<Arc<str>, Vec<Deliver>>,
     local: Vec<Incoming>,
+    /// Capacity of each peer's batch: the messages ready this round (at most a read's
+    /// worth), so that a batch is not regrown, and copied, as it fills.
+    hint: usize,
 }
 
 impl Copy {
@@ -410,7 +413,10 @@ impl Dispatcher {
             return;
         }
         let now = Instant::now();
-        let mut out = Outbox::default();
+        let mut out = Outbox {
+            hint: self.ready.len().min(READ_BATCH),
+            ..Outbox::default()
+        };
         // Walk the ready set in offset order without copying it: most rounds stop early,
         // as soon as no member has room.
         let mut from = 0;

@@ -128,7 +128,11 @@ impl Dispatcher {
                     deliver,
                 });
             } else {
-                out.remote.entry(addr).or_default().push(deliver);
+                let hint = out.hint;
+                out.remote
+                    .entry(addr)
+                    .or_insert_with(|| Vec::with_capacity(hint))
+                    .push(deliver);
             }
         }
         if !entry
