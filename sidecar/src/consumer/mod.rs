@@ -260,13 +260,19 @@ impl Consumer {
         let table = self.routing.borrow().clone();
         // A batch is almost always of one subscription: no map, no key clone per delivery.
         let mut by_sub: Vec<(String, Vec<Incoming>)> = Vec::new();
+        let total = incoming.len();
         for i in incoming {
             match by_sub
                 .iter_mut()
                 .find(|(sub, _)| *sub == i.deliver.subscription)
             {
                 Some((_, items)) => items.push(i),
-                None => by_sub.push((i.deliver.subscription.clone(), vec![i])),
+                None => {
+                    let mut items = Vec::with_capacity(total);
+                    let sub = i.deliver.subscription.clone();
+                    items.push(i);
+                    by_sub.push((sub, items));
+                }
             }
         }
         let mut replies = Vec::new();
