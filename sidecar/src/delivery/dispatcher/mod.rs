@@ -243,6 +243,7 @@ pub async fn run(
         }
         d.dispatch();
         d.flush_settles();
+        d.prune_timers();
         d.update_gauges();
         let next_timer = d.timers.peek().map(|Reverse((at, _))| *at);
         let more_to_read = d.has_window() && d.read_next < *written.borrow();

@@ -12,7 +12,26 @@ use super::{CopyState, Dispatcher, LOCAL_ADDR, now_ms};
 use crate::delivery::Event;
 use crate::log::Offset;
 
+/// Timers kept per message held, at most, before the stale ones are dropped.
+const TIMERS_PER_ENTRY: usize = 4;
+/// Timers always allowed, whatever few messages are held.
+const TIMERS_FLOOR: usize = 4096;
+
 impl Dispatcher {
+    /// Drops the timers of messages no longer held. A timer is not removed when its message
+    /// settles (a heap cannot find it): at 100k msg/s and a 30 s `ackWait`, the ack
+    /// deadlines alone would pile up to millions of entries and tens of MiB. Pruning when
+    /// the heap outgrows the window keeps it proportional to what is held, at an amortized
+    /// constant cost per timer.
+    pub(super) fn prune_timers(&mut self) {
+        if self.timers.len() <= TIMERS_FLOOR + TIMERS_PER_ENTRY * self.entries.len() {
+            return;
+        }
+        let entries = &self.entries;
+        self.timers
+            .retain(|Reverse((_, o))| *o == super::expiry::SWEEP || entries.contains_key(o));
+    }
+
     pub(super) fn fire_timers(&mut self) {
         let now = Instant::now();
         let mut queries: HashMap<Arc<str>, Vec<(Offset, u32)>> = HashMap::new();
