@@ -104,6 +104,16 @@ impl Error {
             Error::Log { source, .. } => match source {
                 LogError::RecordTooLarge { .. } => Code::InvalidArgument,
                 LogError::BacklogFull { .. } => Code::ResourceExhausted,
+                // The data dir's disk (or quota) is full: nothing was acked, and the write
+                // was cut back; publishing works again once space is freed.
+                LogError::Io { source, .. }
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                    ) =>
+                {
+                    Code::ResourceExhausted
+                }
                 _ => Code::Internal,
             },
             Error::Internal(_) | Error::Config(_) | Error::Routing(_) | Error::Io { .. } => {
@@ -200,6 +210,18 @@ mod tests {
                     LogError::BacklogFull {
                         limit: "x".into(),
                         current: 1,
+                    },
+                ),
+                Code::ResourceExhausted,
+                429,
+            ),
+            (
+                Error::from_log(
+                    "a/b",
+                    LogError::Io {
+                        op: "write",
+                        path: "/data/topics/a/b/00000000000000000000.seg".into(),
+                        source: std::io::Error::from_raw_os_error(28),
                     },
                 ),
                 Code::ResourceExhausted,

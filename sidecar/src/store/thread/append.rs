@@ -9,8 +9,8 @@ use tokio::sync::oneshot;
 
 use super::StoreThread;
 use crate::error::Error;
-use crate::log::Offset;
 use crate::log::record::message_record_len;
+use crate::log::{LogError, Offset};
 use crate::store::{AppendItem, AppendOutcome};
 
 impl StoreThread {
@@ -129,27 +129,41 @@ impl StoreThread {
                 }
             }
             Err(e) => {
-                let e = Error::from_log(&self.topic, e);
                 tracing::warn!(topic = %self.topic, error = %e, "append failed");
-                let msg = e.to_string();
-                let code_full = matches!(e, Error::BacklogFull { .. });
-                let mut first = Some(e);
-                for (reply, _, _) in accepted {
-                    let err = first.take().unwrap_or_else(|| {
-                        if code_full {
-                            Error::BacklogFull {
-                                topic: self.topic.clone(),
-                                limit: msg.clone(),
-                                current: self.log.backlog_bytes(),
-                            }
-                        } else {
-                            Error::Internal(msg.clone())
-                        }
-                    });
+                // Every request of the round failed the same way: each gets that error with
+                // its code (a full disk is RESOURCE_EXHAUSTED for all of them).
+                let last = accepted.len().saturating_sub(1);
+                let mut original = Some(e);
+                for (i, (reply, _, _)) in accepted.into_iter().enumerate() {
+                    let err = match (i == last, original.as_ref()) {
+                        (false, Some(e)) => same_error(&self.topic, e),
+                        _ => match original.take() {
+                            Some(e) => Error::from_log(&self.topic, e),
+                            None => Error::Internal(format!("append to {} failed", self.topic)),
+                        },
+                    };
                     out.push((reply, Err(err), Vec::new()));
                 }
             }
         }
         out
     }
+}
+
+/// The error `e` of a failed append once more, for another request of the same round: its
+/// code and message stay (an I/O error keeps its kind, not its OS error object).
+fn same_error(topic: &str, e: &LogError) -> Error {
+    let copy = match e {
+        LogError::BacklogFull { limit, current } => LogError::BacklogFull {
+            limit: limit.clone(),
+            current: *current,
+        },
+        LogError::Io { op, path, source } => LogError::Io {
+            op,
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        other => return Error::Internal(format!("log of topic {topic:?} failed: {other}")),
+    };
+    Error::from_log(topic, copy)
 }
