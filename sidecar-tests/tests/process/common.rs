@@ -39,6 +39,16 @@ pub fn pod(name: &str, zone: &str, app: &str) -> String {
     }
 }
 
+/// The pods of the single-producer tests: `producer`, and `reader-a` (app `reader`), both
+/// in `zone-a`.
+pub fn producer_and_reader() -> String {
+    [
+        pod("reader-a", "zone-a", "reader"),
+        pod("producer", "zone-a", ""),
+    ]
+    .concat()
+}
+
 /// How long a test lets its consumers run at most.
 pub const RUN_LIMIT: Duration = Duration::from_secs(120);
 

@@ -16,7 +16,7 @@ use anyhow::{Context, bail, ensure};
 use ferry_sidecar_tests::harness::{TestMesh, wait_for};
 use ferry_sidecar_tests::history::{Expect, History};
 
-use super::common::{group, pod, subscription, topic};
+use super::common::{group, producer_and_reader, subscription, topic};
 use super::durable_app::{publish_with, reconnecting_consumer};
 
 const IMAGE_MIB: u64 = 40;
@@ -92,12 +92,7 @@ async fn disk_full_refuses_then_resumes_and_loses_nothing() -> anyhow::Result<()
         subscription("readers-ledger", "ledger", "readers", "ackWait: 5s"),
     ]
     .concat();
-    let pods = [
-        pod("reader-a", "zone-a", "reader"),
-        pod("producer", "zone-a", ""),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let mut mesh = TestMesh::start(&crs, &producer_and_reader()).await?;
     // The producer restarts on an empty data dir that is a small disk of its own.
     mesh.mesh.kill9("producer").await?;
     let data_dir = mesh.mesh.spec("producer")?.data_dir.clone();

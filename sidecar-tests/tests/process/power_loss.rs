@@ -16,7 +16,7 @@ use ferry_sidecar_tests::history::{Expect, History};
 use ferryctl::metrics::{Sample, scrape};
 use tokio::time::Instant;
 
-use super::common::{group, pod, subscription, topic};
+use super::common::{group, producer_and_reader, subscription, topic};
 use super::durable_app::{publish_with, reconnecting_consumer};
 
 const ASYNC_INTERVAL: Duration = Duration::from_secs(3);
@@ -44,12 +44,7 @@ async fn power_loss_disk_vs_diskasync() -> anyhow::Result<()> {
         subscription("readers-clicks", "clicks", "readers", "ackWait: 5s"),
     ]
     .concat();
-    let pods = [
-        pod("reader-a", "zone-a", "reader"),
-        pod("producer", "zone-a", ""),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let mut mesh = TestMesh::start(&crs, &producer_and_reader()).await?;
     let interval = vec![(
         "FERRY_ASYNC_SYNC_INTERVAL".to_owned(),
         format!("{}ms", ASYNC_INTERVAL.as_millis()),
