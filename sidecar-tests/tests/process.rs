@@ -16,6 +16,7 @@ mod process {
     pub mod exactly_once_restart;
     pub mod grpcurl;
     pub mod handoff;
+    pub mod io_errors;
     pub mod kill9;
     pub mod late_ack;
     pub mod load_baseline;

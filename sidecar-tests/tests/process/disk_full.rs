@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use ferry_sidecar_tests::harness::{TestMesh, wait_for};
+use ferry_sidecar_tests::harness::TestMesh;
 use ferry_sidecar_tests::history::{Expect, History};
 
-use super::common::{group, producer_and_reader, subscription, topic};
+use super::common::{drain, group, producer_and_reader, subscription, topic};
 use super::durable_app::{publish_with, reconnecting_consumer};
 
 const IMAGE_MIB: u64 = 40;
@@ -164,16 +164,9 @@ async fn disk_full_refuses_then_resumes_and_loses_nothing() -> anyhow::Result<()
         topic: ledger.into(),
         check_order: false,
     }];
-    wait_for(
-        Duration::from_secs(60),
-        "every acked message delivered",
-        || history.check(&expect).lost == 0,
-    )
-    .await?;
+    let counts = drain(&history, &expect, Duration::from_secs(60), "disk_full").await?;
     stop.store(true, Ordering::Relaxed);
     let _ = consumer.await;
-    let counts = history.check(&expect);
-    println!("disk_full: history {counts}");
     ensure!(
         (counts.lost, counts.unexpected) == (0, 0),
         "lost or unexpected messages: {counts}"
