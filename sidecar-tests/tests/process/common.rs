@@ -49,6 +49,46 @@ pub fn producer_and_reader() -> String {
     .concat()
 }
 
+/// The Disk Topic `ledger`, read by group `readers` (Subscription `readers-ledger`,
+/// `ackWait: 5s`), on the pods of [`producer_and_reader`].
+pub async fn ledger_mesh() -> anyhow::Result<TestMesh> {
+    let crs = [
+        topic("ledger", "durability: Disk"),
+        group("readers", "reader", ""),
+        subscription("readers-ledger", "ledger", "readers", "ackWait: 5s"),
+    ]
+    .concat();
+    TestMesh::start(&crs, &producer_and_reader()).await
+}
+
+/// Reads `default/ledger` back through `reader-a` (the pods of [`producer_and_reader`],
+/// Subscription `default/readers-ledger` of group `readers`) until every acked message is
+/// delivered, then prints and returns the counts.
+pub async fn read_back_ledger(
+    mesh: &TestMesh,
+    history: &History,
+    test: &str,
+) -> anyhow::Result<Counts> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumer = super::durable_app::reconnecting_consumer(
+        mesh.app_addr("reader-a")?,
+        "default/readers-ledger",
+        "readers",
+        "reader-a",
+        history.clone(),
+        stop.clone(),
+    );
+    let expect = [Expect::AnyMember {
+        group: "readers".into(),
+        topic: "default/ledger".into(),
+        check_order: false,
+    }];
+    let counts = drain(history, &expect, Duration::from_secs(60), test).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = consumer.await;
+    counts
+}
+
 /// How long a test lets its consumers run at most.
 pub const RUN_LIMIT: Duration = Duration::from_secs(120);
 

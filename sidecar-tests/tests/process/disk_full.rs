@@ -8,16 +8,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use ferry_sidecar_tests::harness::TestMesh;
-use ferry_sidecar_tests::history::{Expect, History};
+use ferry_sidecar_tests::history::History;
 
-use super::common::{drain, group, producer_and_reader, subscription, topic};
-use super::durable_app::{publish_with, reconnecting_consumer};
+use super::common::{ledger_mesh, read_back_ledger};
+use super::durable_app::publish_with;
 
 const IMAGE_MIB: u64 = 40;
 const FILLER_MIB: usize = 8;
@@ -86,13 +82,7 @@ fn is_root() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disk_full_refuses_then_resumes_and_loses_nothing() -> anyhow::Result<()> {
-    let crs = [
-        topic("ledger", "durability: Disk"),
-        group("readers", "reader", ""),
-        subscription("readers-ledger", "ledger", "readers", "ackWait: 5s"),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &producer_and_reader()).await?;
+    let mut mesh = ledger_mesh().await?;
     // The producer restarts on an empty data dir that is a small disk of its own.
     mesh.mesh.kill9("producer").await?;
     let data_dir = mesh.mesh.spec("producer")?.data_dir.clone();
@@ -150,23 +140,7 @@ async fn disk_full_refuses_then_resumes_and_loses_nothing() -> anyhow::Result<()
     );
 
     // Everything acked is delivered.
-    let stop = Arc::new(AtomicBool::new(false));
-    let consumer = reconnecting_consumer(
-        mesh.app_addr("reader-a")?,
-        "default/readers-ledger",
-        "readers",
-        "reader-a",
-        history.clone(),
-        stop.clone(),
-    );
-    let expect = [Expect::AnyMember {
-        group: "readers".into(),
-        topic: ledger.into(),
-        check_order: false,
-    }];
-    let counts = drain(&history, &expect, Duration::from_secs(60), "disk_full").await?;
-    stop.store(true, Ordering::Relaxed);
-    let _ = consumer.await;
+    let counts = read_back_ledger(&mesh, &history, "disk_full").await?;
     ensure!(
         (counts.lost, counts.unexpected) == (0, 0),
         "lost or unexpected messages: {counts}"

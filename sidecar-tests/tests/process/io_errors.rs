@@ -7,25 +7,14 @@
 //! pages) until the sidecar restarts; the process never panics. After a restart without
 //! the fault, publishing works again and every acked message is delivered: lost = 0.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use ferry_sidecar_tests::history::History;
 
-use ferry_sidecar_tests::harness::TestMesh;
-use ferry_sidecar_tests::history::{Expect, History};
-
-use super::common::{drain, group, producer_and_reader, subscription, topic};
-use super::durable_app::{publish_with, reconnecting_consumer};
+use super::common::{ledger_mesh, read_back_ledger};
+use super::durable_app::publish_with;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fsync_errors_are_never_acked_and_poison_until_restart() -> anyhow::Result<()> {
-    let crs = [
-        topic("ledger", "durability: Disk"),
-        group("readers", "reader", ""),
-        subscription("readers-ledger", "ledger", "readers", "ackWait: 5s"),
-    ]
-    .concat();
-    let mut mesh = TestMesh::start(&crs, &producer_and_reader()).await?;
+    let mut mesh = ledger_mesh().await?;
     let history = History::default();
     let ledger = "default/ledger";
     let mut app = mesh.app("producer").await?;
@@ -70,23 +59,7 @@ async fn fsync_errors_are_never_acked_and_poison_until_restart() -> anyhow::Resu
     for i in 0..20 {
         publish_with(&mut app, &history, ledger, &format!("after-{i}"), |_| {}).await?;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let consumer = reconnecting_consumer(
-        mesh.app_addr("reader-a")?,
-        "default/readers-ledger",
-        "readers",
-        "reader-a",
-        history.clone(),
-        stop.clone(),
-    );
-    let expect = [Expect::AnyMember {
-        group: "readers".into(),
-        topic: ledger.into(),
-        check_order: false,
-    }];
-    let counts = drain(&history, &expect, Duration::from_secs(60), "io_errors").await?;
-    stop.store(true, Ordering::Relaxed);
-    let _ = consumer.await;
+    let counts = read_back_ledger(&mesh, &history, "io_errors").await?;
     anyhow::ensure!(counts.acked == 40, "40 publishes acked: {counts}");
     anyhow::ensure!(
         (counts.lost, counts.unexpected) == (0, 0),
