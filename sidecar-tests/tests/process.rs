@@ -23,6 +23,7 @@ mod process {
     pub mod ordering;
     pub mod power_loss;
     pub mod replicated;
+    pub mod reused_offsets;
     pub mod sigterm;
     pub mod torn_tail;
     pub mod ttl_delay;

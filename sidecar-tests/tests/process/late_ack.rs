@@ -18,7 +18,7 @@ use tonic::Code;
 use super::common::{drain, group, pod, subscription, topic};
 
 /// The sum of a counter's samples whose labels contain `label` in a Prometheus text page.
-fn counter(page: &str, name: &str, label: &str) -> f64 {
+pub fn counter(page: &str, name: &str, label: &str) -> f64 {
     page.lines()
         .filter(|l| l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
