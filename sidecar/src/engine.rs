@@ -34,6 +34,11 @@ pub struct Identity {
     pub producer_id: Arc<str>,
     /// The peer address other sidecars dial.
     pub advertise: String,
+    /// Random per start of this sidecar, never 0 (a recreated data dir is a new start too).
+    /// Offsets are not unique across starts (a `Memory` topic numbers from 0 again), so
+    /// every delivery, query and replica copy is named with it and the message id, never
+    /// by an offset alone.
+    pub incarnation: u64,
 }
 
 /// Shared state of one sidecar.
@@ -75,6 +80,7 @@ impl Engine {
             service_account: config.service_account.clone(),
             producer_id: config.producer_id().into(),
             advertise,
+            incarnation: rand::random::<u64>() | 1,
         };
         let replicas = Arc::new(ReplicaLogs::new(config.data_dir.join("replicas")));
         replicas.open_existing();
@@ -86,7 +92,7 @@ impl Engine {
                 Some(config.data_dir.clone()),
             ),
             replicas,
-            replicator: Arc::new(Replicator::new()),
+            replicator: Arc::new(Replicator::new(identity.incarnation)),
             identity,
             config,
             routing,

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub acked: Family<SubLabels, Counter>,
     /// Redeliveries (after nack, ack timeout or a lost peer).
     pub redelivered: Family<SubLabels, Counter>,
+    /// Settlements ignored by this producer because they named another message or another
+    /// incarnation than the delivery it holds in flight at that offset and attempt (a
+    /// consumer answering for a message that held the offset before a restart).
+    pub settlements_mismatched: Family<SubLabels, Counter>,
     pub dead_lettered: Family<SubLabels, Counter>,
     /// Messages given up without a dead-letter topic, expired by TTL, or dropped by a
     /// `Memory` topic's retention.
@@ -105,6 +109,7 @@ impl Metrics {
             delivered: Family::default(),
             acked: Family::default(),
             redelivered: Family::default(),
+            settlements_mismatched: Family::default(),
             dead_lettered: Family::default(),
             dropped: Family::default(),
             expired: Family::default(),
@@ -154,6 +159,11 @@ impl Metrics {
             m.acked.clone(),
         );
         registry.register("redelivered", "Redeliveries", m.redelivered.clone());
+        registry.register(
+            "settlements_mismatched",
+            "Settlements ignored because they named another message or producer incarnation",
+            m.settlements_mismatched.clone(),
+        );
         registry.register(
             "dead_lettered",
             "Messages moved to a dead-letter topic",

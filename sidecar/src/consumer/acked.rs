@@ -9,8 +9,9 @@
 //! front of an insertion-ordered queue: its cost follows what expires, not what is kept.
 //!
 //! Each entry keeps a hash of the message id: a producer whose data dir was wiped numbers
-//! its messages from 0 again, and an offset alone would then answer ACKED for a message the
-//! app never saw (a loss). A mismatching id is treated as a new message.
+//! its messages from 0 again (so does a `Memory` topic at every restart), and an offset alone
+//! would then answer ACKED for a message the app never saw (a loss). A mismatching id is
+//! treated as a new message, by repeats and by `QueryDelivery` alike.
 
 use std::collections::VecDeque;
 
@@ -53,12 +54,14 @@ impl AckedOrigins {
         }
     }
 
-    /// Whether `origin` was acked (any message id: what `QueryDelivery` asks).
+    /// Whether `origin` was acked for any message: only for the queries of a producer
+    /// sidecar too old to name its message (see `InboxState::query`).
     pub fn contains(&self, origin: &Origin) -> bool {
         self.by_origin.contains_key(origin)
     }
 
-    /// Whether `origin` was acked for this very message.
+    /// Whether `origin` was acked for this very message (what a repeat and `QueryDelivery`
+    /// ask: never the offset alone).
     pub fn acked(&self, origin: &Origin, message_id: &str) -> bool {
         self.by_origin
             .get(origin)

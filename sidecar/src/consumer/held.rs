@@ -47,11 +47,14 @@ pub(super) struct Held {
     pub(super) producer: Arc<str>,
     pub(super) offset: Offset,
     pub(super) attempt: u32,
-    /// Other attempt numbers of the same message that were re-linked here (repeats from a
-    /// restarted producer, or a dead process's forward read late). Settlements answer
-    /// each, so that whichever the current producer process waits for is answered; a
-    /// producer ignores attempts it does not hold in flight.
-    pub(super) earlier: Vec<u32>,
+    /// The producer incarnation that sent `attempt`.
+    pub(super) incarnation: u64,
+    /// Other (incarnation, attempt) pairs of the same message that were re-linked here
+    /// (repeats from a restarted producer, or a dead process's forward read late).
+    /// Settlements answer each, so that whichever the current producer process waits for
+    /// is answered; a producer ignores attempts it does not hold in flight, and those of
+    /// another incarnation.
+    pub(super) earlier: Vec<(u64, u32)>,
     pub(super) ack_wait: Duration,
     pub(super) message_id: String,
     /// ExactlyOnce: copies of the same message id from other origins (a replica that took
@@ -70,6 +73,7 @@ pub(super) struct Twin {
     pub(super) producer: Arc<str>,
     pub(super) offset: Offset,
     pub(super) attempt: u32,
+    pub(super) incarnation: u64,
 }
 
 /// A settlement to send to a producer.
@@ -87,24 +91,50 @@ pub struct Arrival {
     pub producer: Arc<str>,
     pub offset: Offset,
     pub attempt: u32,
+    /// The sending producer's incarnation (`Deliver::incarnation`).
+    pub incarnation: u64,
     pub ack_wait: Duration,
     pub delivery: Delivery,
 }
 
+impl Arrival {
+    /// How a settlement names this arrival to its producer.
+    pub(super) fn name(&self) -> Name<'_> {
+        Name {
+            offset: self.offset,
+            attempt: self.attempt,
+            message_id: &self.delivery.message_id,
+            incarnation: self.incarnation,
+        }
+    }
+}
+
+/// What names one delivery to its producer: the offset and attempt it was sent with, and
+/// the message id and producer incarnation, without which an offset reused by the
+/// producer could settle another message.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Name<'a> {
+    pub(super) offset: Offset,
+    pub(super) attempt: u32,
+    pub(super) message_id: &'a str,
+    pub(super) incarnation: u64,
+}
+
 pub(super) fn settled(
     subscription: &str,
-    offset: Offset,
-    attempt: u32,
+    name: Name<'_>,
     outcome: Outcome,
     delay_ms: u64,
     reason: &str,
 ) -> Settled {
     Settled {
         subscription: subscription.to_owned(),
-        offset,
-        attempt,
+        offset: name.offset,
+        attempt: name.attempt,
         outcome: outcome as i32,
         delay_ms,
         reason: reason.to_owned(),
+        message_id: name.message_id.to_owned(),
+        incarnation: name.incarnation,
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::acked::{AckedOrigins, Origin};
 pub use super::held::{Arrival, Finish, Reply};
-use super::held::{Held, HeldState, Twin, settled};
+use super::held::{Held, HeldState, Name, Twin, settled};
 use crate::log::Offset;
 
 /// Settled delivery ids remembered, for precise "expired"/"already settled" answers.
@@ -66,30 +66,29 @@ impl InboxState {
     }
 
     fn reply(&self, h: &Held, outcome: Outcome, delay_ms: u64, reason: &str, out: &mut Vec<Reply>) {
-        for &attempt in h.earlier.iter().chain(std::iter::once(&h.attempt)) {
+        let current = (h.incarnation, h.attempt);
+        for &(incarnation, attempt) in h.earlier.iter().chain(std::iter::once(&current)) {
+            let name = Name {
+                offset: h.offset,
+                attempt,
+                message_id: &h.message_id,
+                incarnation,
+            };
             out.push(Reply {
                 to: h.reply.clone(),
-                settled: settled(
-                    &self.subscription,
-                    h.offset,
-                    attempt,
-                    outcome,
-                    delay_ms,
-                    reason,
-                ),
+                settled: settled(&self.subscription, name, outcome, delay_ms, reason),
             });
         }
         for t in &h.twins {
+            let name = Name {
+                offset: t.offset,
+                attempt: t.attempt,
+                message_id: &h.message_id,
+                incarnation: t.incarnation,
+            };
             out.push(Reply {
                 to: t.reply.clone(),
-                settled: settled(
-                    &self.subscription,
-                    t.offset,
-                    t.attempt,
-                    outcome,
-                    delay_ms,
-                    reason,
-                ),
+                settled: settled(&self.subscription, name, outcome, delay_ms, reason),
             });
         }
     }
@@ -122,16 +121,16 @@ impl InboxState {
             if self.exactly_once_window.is_some()
                 && self.acked_ids.contains_key(&a.delivery.message_id)
             {
+                let settled = settled(
+                    &self.subscription,
+                    a.name(),
+                    Outcome::Acked,
+                    0,
+                    "already acked (ExactlyOnce)",
+                );
                 out.push(Reply {
                     to: a.reply,
-                    settled: settled(
-                        &self.subscription,
-                        a.offset,
-                        a.attempt,
-                        Outcome::Acked,
-                        0,
-                        "already acked (ExactlyOnce)",
-                    ),
+                    settled,
                 });
                 continue;
             }
@@ -139,16 +138,16 @@ impl InboxState {
             if self.acked_origins.acked(&origin, &a.delivery.message_id) {
                 // The app acked it already; the producer lost the ack (a broken stream, or
                 // a restart after kill -9). Answer again instead of handing out a copy.
+                let settled = settled(
+                    &self.subscription,
+                    a.name(),
+                    Outcome::Acked,
+                    0,
+                    "already acked",
+                );
                 out.push(Reply {
                     to: a.reply,
-                    settled: settled(
-                        &self.subscription,
-                        a.offset,
-                        a.attempt,
-                        Outcome::Acked,
-                        0,
-                        "already acked",
-                    ),
+                    settled,
                 });
                 continue;
             }
@@ -172,6 +171,7 @@ impl InboxState {
                         producer: a.producer,
                         offset: a.offset,
                         attempt: a.attempt,
+                        incarnation: a.incarnation,
                     });
                     self.by_origin.insert(origin, held);
                     continue;
@@ -186,6 +186,7 @@ impl InboxState {
                     producer: a.producer,
                     offset: a.offset,
                     attempt: a.attempt,
+                    incarnation: a.incarnation,
                     earlier: Vec::new(),
                     twins: Vec::new(),
                     ack_wait: a.ack_wait,
@@ -204,7 +205,10 @@ impl InboxState {
     /// keeps the copy it has, under the same delivery id, instead of getting a second one.
     /// A producer repeats a delivery it still holds after a restart (it cannot know what
     /// the previous process sent), or after an ack timeout when this sidecar did not answer
-    /// its query. False if `old` is another message (see `accept`).
+    /// its query. False if `old` is another message (see `accept`): the same offset names
+    /// the same message only with the same message id. The incarnation may differ (a
+    /// restarted producer resending what its log held): that is still the message the app
+    /// has, now awaited by the new process.
     fn relink(&mut self, old: u64, a: &Arrival) -> bool {
         let Some(h) = self.held.get_mut(&old) else {
             return false;
@@ -220,14 +224,17 @@ impl InboxState {
             // A repeat from a twin's origin: answer it where it now waits.
             t.reply = a.reply.clone();
             t.attempt = a.attempt;
+            t.incarnation = a.incarnation;
             return true;
         }
         h.reply = a.reply.clone();
-        if a.attempt != h.attempt && !h.earlier.contains(&a.attempt) {
+        let named = (a.incarnation, a.attempt);
+        if named != (h.incarnation, h.attempt) && !h.earlier.contains(&named) {
             if h.earlier.len() >= MAX_EARLIER_ATTEMPTS {
                 h.earlier.remove(0);
             }
-            h.earlier.push(h.attempt);
+            h.earlier.push((h.incarnation, h.attempt));
+            h.incarnation = a.incarnation;
             h.attempt = a.attempt;
         }
         h.ack_wait = a.ack_wait;
@@ -397,23 +404,46 @@ impl InboxState {
         self.finished.get(&seq).copied()
     }
 
-    /// What the producer's sidecar asks before redelivering.
-    pub fn query(&self, producer: &str, offset: Offset, attempt: u32) -> DeliveryState {
+    /// What the producer's sidecar asks before redelivering: about the message
+    /// `message_id` it sent from `offset`, as `attempt` of its `incarnation`.
+    ///
+    /// ACKED only if the app acked that very message from that origin: an ack of another
+    /// message once at the same offset (before the producer restarted and numbered from 0
+    /// again) answers nothing. Any incarnation's delivery of the same message counts, as
+    /// for a repeat (see `relink`). IN_PROGRESS only for the delivery held under that
+    /// attempt and incarnation; anything else is UNKNOWN, and the producer redelivers.
+    ///
+    /// Incarnation 0 (which no sidecar draws) is a producer sidecar of an older version,
+    /// during a rolling upgrade: it names no message, and is answered by offset as before,
+    /// rather than with UNKNOWN and a redelivery of everything its app is working on.
+    pub fn query(
+        &self,
+        producer: &str,
+        offset: Offset,
+        attempt: u32,
+        message_id: &str,
+        incarnation: u64,
+    ) -> DeliveryState {
         let key = (Arc::<str>::from(producer), offset);
-        if self.acked_origins.contains(&key) {
+        let unnamed = incarnation == 0;
+        if self.acked_origins.acked(&key, message_id)
+            || (unnamed && self.acked_origins.contains(&key))
+        {
             return DeliveryState::Acked;
         }
+        let named = (incarnation, attempt);
         match self.by_origin.get(&key).and_then(|s| self.held.get(s)) {
+            Some(h) if h.message_id != message_id && !unnamed => DeliveryState::Unknown,
             Some(h)
                 if (h.producer == key.0 && h.offset == offset)
-                    && (h.attempt == attempt || h.earlier.contains(&attempt)) =>
+                    && ((h.incarnation, h.attempt) == named || h.earlier.contains(&named)) =>
             {
                 DeliveryState::InProgress
             }
             Some(h)
-                if h.twins
-                    .iter()
-                    .any(|t| t.producer == key.0 && t.offset == offset && t.attempt == attempt) =>
+                if h.twins.iter().any(|t| {
+                    t.producer == key.0 && t.offset == offset && (t.incarnation, t.attempt) == named
+                }) =>
             {
                 DeliveryState::InProgress
             }

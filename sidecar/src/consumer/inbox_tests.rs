@@ -3,6 +3,11 @@
 use super::*;
 use crate::consumer::ReplyTo;
 
+/// What a producer of incarnation 1 asks about the message `m<offset>`.
+fn query(s: &InboxState, producer: &str, offset: Offset, attempt: u32) -> DeliveryState {
+    s.query(producer, offset, attempt, &format!("m{offset}"), 1)
+}
+
 fn arrival(seq: u64, offset: Offset, attempt: u32) -> Arrival {
     Arrival {
         seq,
@@ -10,6 +15,7 @@ fn arrival(seq: u64, offset: Offset, attempt: u32) -> Arrival {
         producer: "ns/producer".into(),
         offset,
         attempt,
+        incarnation: 1,
         ack_wait: Duration::from_secs(10),
         delivery: Delivery {
             delivery_id: format!("d{seq}"),
@@ -44,14 +50,14 @@ fn ack_once_then_precise_errors() {
     s.accept(vec![arrival(7, 0, 1)], now, &mut out);
     let (tx, _rx) = mpsc::unbounded_channel();
     s.open_session(1, 1, tx, true, now);
-    assert_eq!(s.query("ns/producer", 0, 1), DeliveryState::InProgress);
+    assert_eq!(query(&s, "ns/producer", 0, 1), DeliveryState::InProgress);
     s.settle(7, None, now, &mut out).unwrap();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].settled.outcome, Outcome::Acked as i32);
     assert_eq!(s.settle(7, None, now, &mut out), Err(Finish::Acked));
     assert_eq!(out.len(), 1, "no double settle");
-    assert_eq!(s.query("ns/producer", 0, 1), DeliveryState::Acked);
-    assert_eq!(s.query("ns/producer", 1, 1), DeliveryState::Unknown);
+    assert_eq!(query(&s, "ns/producer", 0, 1), DeliveryState::Acked);
+    assert_eq!(query(&s, "ns/producer", 1, 1), DeliveryState::Unknown);
 }
 
 #[test]
@@ -84,9 +90,9 @@ fn a_repeat_of_a_held_delivery_relinks_without_a_second_copy() {
     assert!(rx.try_recv().is_err(), "no second copy");
     assert_eq!(s.take_handed(), 1);
     assert_eq!(s.held_len(), 1);
-    assert_eq!(s.query("ns/producer", 0, 2), DeliveryState::InProgress);
-    assert_eq!(s.query("ns/producer", 0, 1), DeliveryState::InProgress);
-    assert_eq!(s.query("ns/producer", 0, 3), DeliveryState::Unknown);
+    assert_eq!(query(&s, "ns/producer", 0, 2), DeliveryState::InProgress);
+    assert_eq!(query(&s, "ns/producer", 0, 1), DeliveryState::InProgress);
+    assert_eq!(query(&s, "ns/producer", 0, 3), DeliveryState::Unknown);
     s.settle(1, None, now, &mut out).unwrap();
     // Whichever attempt the producer's current process holds in flight gets the ack.
     let answered: Vec<(u32, i32)> = out
@@ -195,8 +201,11 @@ fn exactly_once_links_another_origins_copy_to_the_held_one() {
     s.accept(vec![twin], now, &mut out);
     assert!(rx.try_recv().is_err(), "the app gets one copy");
     assert_eq!(s.held_len(), 1);
-    assert_eq!(s.query("ns/replica", 9, 2), DeliveryState::InProgress);
-    assert_eq!(s.query("ns/replica", 9, 1), DeliveryState::Unknown);
+    assert_eq!(
+        s.query("ns/replica", 9, 2, "m5", 1),
+        DeliveryState::InProgress
+    );
+    assert_eq!(s.query("ns/replica", 9, 1, "m5", 1), DeliveryState::Unknown);
 
     // One ack answers both origins.
     s.settle(1, None, now, &mut out).unwrap();
@@ -208,7 +217,7 @@ fn exactly_once_links_another_origins_copy_to_the_held_one() {
         answered,
         [(5, 1, Outcome::Acked as i32), (9, 2, Outcome::Acked as i32)]
     );
-    assert_eq!(s.query("ns/replica", 9, 2), DeliveryState::Acked);
+    assert_eq!(s.query("ns/replica", 9, 2, "m5", 1), DeliveryState::Acked);
     assert_eq!(s.held_len(), 0);
 }
 
@@ -223,4 +232,109 @@ fn without_exactly_once_another_origins_copy_is_its_own_delivery() {
     twin.delivery.message_id = "m5".into();
     s.accept(vec![twin], now, &mut out);
     assert_eq!(s.held_len(), 2);
+}
+
+/// The delivery of `message_id` from offset `offset`, attempt 1 of producer `incarnation`.
+fn named(seq: u64, offset: Offset, message_id: &str, incarnation: u64) -> Arrival {
+    let mut a = arrival(seq, offset, 1);
+    a.delivery.message_id = message_id.into();
+    a.incarnation = incarnation;
+    a
+}
+
+#[test]
+fn an_ack_of_another_message_at_a_reused_offset_answers_no_query() {
+    // A Memory topic's producer restarted (incarnation 1 -> 2) and numbers from 0 again.
+    let now = Instant::now();
+    let mut s = InboxState::new("ns/sub".into());
+    let mut out = Vec::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.open_session(1, 10, tx, true, now);
+    s.accept(vec![named(1, 0, "old", 1)], now, &mut out);
+    s.settle(1, None, now, &mut out).unwrap();
+    let _ = rx.try_recv();
+    assert_eq!(s.query("ns/producer", 0, 1, "old", 1), DeliveryState::Acked);
+
+    s.accept(vec![named(2, 0, "new", 2)], now, &mut out);
+    assert_eq!(rx.try_recv().unwrap().message_id, "new");
+    // The app still works on it: not settled by the ack of "old".
+    assert_eq!(
+        s.query("ns/producer", 0, 1, "new", 2),
+        DeliveryState::InProgress
+    );
+    // Asked under the incarnation that did not send it, or about another message: unknown.
+    assert_eq!(
+        s.query("ns/producer", 0, 1, "new", 1),
+        DeliveryState::Unknown
+    );
+    assert_eq!(
+        s.query("ns/producer", 0, 1, "third", 2),
+        DeliveryState::Unknown
+    );
+    // Once the new delivery expired, nothing answers ACKED for it.
+    s.sweep(now + Duration::from_secs(11), &mut out);
+    assert_eq!(
+        s.query("ns/producer", 0, 1, "new", 2),
+        DeliveryState::Unknown
+    );
+    // The acked message itself is still known as acked, whichever incarnation asks.
+    assert_eq!(s.query("ns/producer", 0, 1, "old", 2), DeliveryState::Acked);
+    // A producer too old to name its message is answered by offset, as it always was.
+    assert_eq!(s.query("ns/producer", 0, 1, "", 0), DeliveryState::Acked);
+}
+
+#[test]
+fn settlements_name_the_message_and_each_incarnation() {
+    let now = Instant::now();
+    let mut s = InboxState::new("ns/sub".into());
+    let mut out = Vec::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.open_session(1, 10, tx, true, now);
+    s.accept(vec![named(1, 4, "m", 7)], now, &mut out);
+    let _ = rx.try_recv();
+    // The producer restarted (a Disk log keeps the message) and sends it again as its
+    // attempt 2: the app keeps its copy, and each incarnation's attempt is answered.
+    let mut again = named(2, 4, "m", 8);
+    again.attempt = 2;
+    s.accept(vec![again], now, &mut out);
+    assert!(rx.try_recv().is_err(), "no second copy");
+    assert_eq!(
+        s.query("ns/producer", 4, 2, "m", 8),
+        DeliveryState::InProgress
+    );
+    assert_eq!(s.query("ns/producer", 4, 2, "m", 7), DeliveryState::Unknown);
+    s.settle(1, None, now, &mut out).unwrap();
+    let names: Vec<(u64, u32, &str, u64)> = out
+        .iter()
+        .map(|r| {
+            let t = &r.settled;
+            (t.offset, t.attempt, t.message_id.as_str(), t.incarnation)
+        })
+        .collect();
+    assert_eq!(names, [(4, 1, "m", 7), (4, 2, "m", 8)]);
+    // A repeat after the ack, from either incarnation, is answered with its own names.
+    out.clear();
+    let mut late = named(3, 4, "m", 7);
+    late.attempt = 3;
+    s.accept(vec![late], now, &mut out);
+    let t = &out[0].settled;
+    assert_eq!(
+        (t.outcome, t.attempt, t.message_id.as_str(), t.incarnation),
+        (Outcome::Acked as i32, 3, "m", 7)
+    );
+}
+
+#[test]
+fn a_rejection_names_the_message_it_refuses() {
+    // Queued and never taken within ackWait: returned to the producer under its names.
+    let now = Instant::now();
+    let mut s = InboxState::new("ns/sub".into());
+    let mut out = Vec::new();
+    s.accept(vec![named(1, 2, "x", 5)], now, &mut out);
+    s.sweep(now + Duration::from_secs(11), &mut out);
+    let t = &out[0].settled;
+    assert_eq!(
+        (t.outcome, t.offset, t.message_id.as_str(), t.incarnation),
+        (Outcome::Rejected as i32, 2, "x", 5)
+    );
 }

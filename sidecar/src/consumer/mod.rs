@@ -34,7 +34,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ferry_api::crd::Qos;
-use ferry_api::proto::v1::{Deliver, Delivery, DeliveryState, Outcome, Settled};
+use ferry_api::proto::v1::{
+    Deliver, Delivery, DeliveryState, Outcome, QueryDeliveryRequest, Settled,
+};
 use ferry_api::routing::RoutingTable;
 use tokio::sync::{mpsc, watch};
 
@@ -292,15 +294,18 @@ impl Consumer {
                         }
                     };
                     for i in items {
+                        let d = i.deliver;
                         replies.push(Reply {
                             to: i.reply,
                             settled: Settled {
                                 subscription: sub.clone(),
-                                offset: i.deliver.offset,
-                                attempt: i.deliver.attempt,
+                                offset: d.offset,
+                                attempt: d.attempt,
                                 outcome: Outcome::Rejected as i32,
                                 delay_ms: 0,
                                 reason: reason.clone(),
+                                message_id: d.message.map(|m| m.id).unwrap_or_default(),
+                                incarnation: d.incarnation,
                             },
                         });
                     }
@@ -327,6 +332,7 @@ impl Consumer {
                         producer,
                         offset: d.offset,
                         attempt: d.attempt,
+                        incarnation: d.incarnation,
                         ack_wait: Duration::from_millis(d.ack_wait_ms.max(1)),
                         delivery: Delivery {
                             delivery_id: id,
@@ -402,21 +408,21 @@ impl Consumer {
         result.map(|_| ())
     }
 
-    /// Answers a producer's `QueryDelivery`.
-    pub fn query(
-        &self,
-        producer: &str,
-        subscription: &str,
-        offset: u64,
-        attempt: u32,
-    ) -> DeliveryState {
+    /// Answers a producer's `QueryDelivery` (see `InboxState::query`).
+    pub fn query(&self, q: &QueryDeliveryRequest) -> DeliveryState {
         let inbox = self
             .inboxes
             .read()
             .ok()
-            .and_then(|i| i.by_name.get(subscription).cloned());
+            .and_then(|i| i.by_name.get(q.subscription.as_str()).cloned());
         match inbox {
-            Some(inbox) => lock(&inbox.state).query(producer, offset, attempt),
+            Some(inbox) => lock(&inbox.state).query(
+                &q.producer,
+                q.offset,
+                q.attempt,
+                &q.message_id,
+                q.incarnation,
+            ),
             None => DeliveryState::Unknown,
         }
     }

@@ -120,10 +120,7 @@ impl Peer for PeerService {
         &self,
         request: Request<QueryDeliveryRequest>,
     ) -> Result<Response<QueryDeliveryResponse>, Status> {
-        let r = request.into_inner();
-        let state = self
-            .consumer
-            .query(&r.producer, &r.subscription, r.offset, r.attempt);
+        let state = self.consumer.query(request.get_ref());
         Ok(Response::new(QueryDeliveryResponse {
             state: state as i32,
         }))

@@ -56,8 +56,9 @@ pub struct Replicator {
 }
 
 impl Default for Replicator {
+    /// A replicator with a fresh random incarnation (never 0).
     fn default() -> Self {
-        Self::new()
+        Self::new(rand::random::<u64>() | 1)
     }
 }
 
@@ -84,11 +85,11 @@ fn chunks(messages: &[StoredMessage]) -> Vec<Vec<PeerMessage>> {
 }
 
 impl Replicator {
-    /// A replicator with a fresh random incarnation (never 0).
-    pub fn new() -> Self {
+    /// A replicator sending under `incarnation`, the sidecar's (`Identity::incarnation`).
+    pub fn new(incarnation: u64) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Self {
-            incarnation: rand::random::<u64>() | 1,
+            incarnation,
             settled_tx,
             settled_rx: Mutex::new(Some(settled_rx)),
             holders: Mutex::new(HashMap::new()),

@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::time::{Duration, Instant};
 
 use ferry_api::crd::Qos;
-use ferry_api::proto::v1::{DeliveryState, Outcome};
+use ferry_api::proto::v1::{DeliveryState, Outcome, Settled};
 
 use super::{Copy, CopyState, DLQ_RETRY, Dispatcher, REJECT_RETRY, now_ms};
 use crate::delivery::Event;
@@ -19,6 +19,9 @@ impl Dispatcher {
                 let Some(k) = self.find_in_flight(settled.offset, &from, settled.attempt) else {
                     return;
                 };
+                if !self.names_held(&settled) {
+                    return;
+                }
                 let offset = settled.offset;
                 let pod = self.release_member(offset, k);
                 let attempt = settled.attempt;
@@ -127,6 +130,41 @@ impl Dispatcher {
             }
             Event::Setup(setup) => self.apply_setup(setup),
         }
+    }
+
+    /// Whether `settled` names the message held at its offset and this process's
+    /// incarnation. Offsets are reused (a `Memory` topic after a restart, a `DiskAsync`
+    /// log after a power loss, a pod that lost its disk): a consumer may answer for the
+    /// message that held the offset before, or for a delivery of an earlier process, and
+    /// that must not settle the message held now. Such a settlement is counted and
+    /// ignored; the delivery held now is settled by its own answer or its ack timeout.
+    ///
+    /// A settlement without names (incarnation 0, which no sidecar draws) comes from a
+    /// consumer sidecar of an older version during a rolling upgrade: it is taken by offset
+    /// as before, rather than leaving every delivery to such a peer to wait out `ackWait`.
+    fn names_held(&self, settled: &Settled) -> bool {
+        let held = self
+            .entries
+            .get(&settled.offset)
+            .map(|e| e.message.id.as_str());
+        let incarnation = self.engine.identity.incarnation;
+        if settled.incarnation == 0
+            || (held == Some(settled.message_id.as_str()) && settled.incarnation == incarnation)
+        {
+            return true;
+        }
+        self.counters.mismatched.inc();
+        tracing::debug!(
+            subscription = %self.sub,
+            offset = settled.offset,
+            attempt = settled.attempt,
+            message_id = %settled.message_id,
+            held = held.unwrap_or_default(),
+            incarnation = settled.incarnation,
+            mine = incarnation,
+            "settlement of another message or incarnation ignored"
+        );
+        false
     }
 
     pub(super) fn find_in_flight(&self, offset: Offset, from: &str, attempt: u32) -> Option<usize> {

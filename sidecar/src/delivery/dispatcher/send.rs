@@ -121,6 +121,7 @@ impl Dispatcher {
                 message: Some(peer_message(&entry.message)),
                 topic: String::from(&*self.topic),
                 ack_wait_ms: self.setup.subscription.ack_wait_ms,
+                incarnation: self.engine.identity.incarnation,
             };
             if member.local {
                 out.local.push(Incoming {

@@ -12,6 +12,13 @@ use super::{CopyState, Dispatcher, LOCAL_ADDR, now_ms};
 use crate::delivery::Event;
 use crate::log::Offset;
 
+/// A timed-out delivery to ask about: its offset, attempt and message id.
+pub(super) struct TimedOut {
+    offset: Offset,
+    attempt: u32,
+    message_id: String,
+}
+
 /// Timers kept per message held, at most, before the stale ones are dropped.
 const TIMERS_PER_ENTRY: usize = 4;
 /// Timers always allowed, whatever few messages are held.
@@ -34,7 +41,7 @@ impl Dispatcher {
 
     pub(super) fn fire_timers(&mut self) {
         let now = Instant::now();
-        let mut queries: HashMap<Arc<str>, Vec<(Offset, u32)>> = HashMap::new();
+        let mut queries: HashMap<Arc<str>, Vec<TimedOut>> = HashMap::new();
         let mut dead_letters = Vec::new();
         while let Some(Reverse((at, offset))) = self.timers.peek().copied() {
             if at > now {
@@ -69,10 +76,11 @@ impl Dispatcher {
                         ..
                     } if *deadline <= now && !*querying => {
                         *querying = true;
-                        queries
-                            .entry(addr.clone())
-                            .or_default()
-                            .push((offset, c.attempt));
+                        queries.entry(addr.clone()).or_default().push(TimedOut {
+                            offset,
+                            attempt: c.attempt,
+                            message_id: e.message.id.clone(),
+                        });
                     }
                     _ => {}
                 }
@@ -87,16 +95,25 @@ impl Dispatcher {
     }
 
     /// Asks the consumer sidecar at `addr` about timed-out deliveries: one task per peer,
-    /// not per message.
-    pub(super) fn query(&self, addr: Arc<str>, items: Vec<(Offset, u32)>) {
+    /// not per message. Each question names the message and this process's incarnation, so
+    /// that an ack of another message once held at the same offset does not answer it.
+    pub(super) fn query(&self, addr: Arc<str>, items: Vec<TimedOut>) {
+        let incarnation = self.engine.identity.incarnation;
         if &*addr == LOCAL_ADDR {
-            for (offset, attempt) in items {
-                let state = self.engine.consumer.query(
-                    &self.engine.identity.producer_id,
-                    &self.sub,
+            for TimedOut {
+                offset,
+                attempt,
+                message_id,
+            } in items
+            {
+                let state = self.engine.consumer.query(&QueryDeliveryRequest {
+                    producer: self.engine.identity.producer_id.to_string(),
+                    subscription: self.sub.to_string(),
                     offset,
                     attempt,
-                );
+                    message_id,
+                    incarnation,
+                });
                 let _ = self.tx.send(Event::Queried {
                     addr: addr.clone(),
                     offset,
@@ -113,12 +130,15 @@ impl Dispatcher {
         tokio::spawn(async move {
             use futures::StreamExt;
             let results = futures::stream::iter(items)
-                .map(|(offset, attempt)| {
+                .map(|q| {
+                    let (offset, attempt) = (q.offset, q.attempt);
                     let req = QueryDeliveryRequest {
                         producer: producer.clone(),
                         subscription: sub.clone(),
                         offset,
                         attempt,
+                        message_id: q.message_id,
+                        incarnation,
                     };
                     let peers = peers.clone();
                     let addr = addr.clone();
