@@ -81,9 +81,17 @@ async fn new_messages_at_reused_offsets_are_all_delivered() -> anyhow::Result<()
     publish_all(&mesh, &history, "after").await?;
     let counts = drain(&history, &expect, Duration::from_secs(60), test).await;
     stop.store(true, Ordering::Relaxed);
-    let _ = app.await;
+    app.await??;
     let refused = refused.load(Ordering::Relaxed);
-    println!("{test}: {refused} late acks refused");
+    let page = http::get(admin, "/metrics").await?.text();
+    let mismatched = counter(
+        &page,
+        "ferry_sidecar_settlements_mismatched_total",
+        "billing-orders",
+    );
+    println!(
+        "{test}: refused={refused} (late acks), {mismatched} settlements of another message ignored by the producer"
+    );
     let counts = counts?;
     assert_eq!(counts.lost, 0, "{counts}");
     assert_eq!(counts.unexpected, 0, "{counts}");
@@ -110,7 +118,8 @@ async fn publish_all(mesh: &TestMesh, history: &History, prefix: &str) -> anyhow
 }
 
 /// The `billing-a` app: it acks a first delivery [`LATE_BY`] past `ackWait` (its sidecar
-/// refuses that ack, the delivery having expired), a redelivery at once. Only a delivery
+/// refuses that ack, the delivery having expired), a redelivery at once, until `stop`
+/// (then it still sends the late acks not yet due, each when due). Only a delivery
 /// whose ack was accepted is recorded as delivered: that is a message the app processed.
 /// Refused acks are counted in `refused`.
 async fn late_acker(
@@ -138,6 +147,11 @@ async fn late_acker(
             for (_, d) in due {
                 settle(&mut app, &history, &refused, d).await?;
             }
+        }
+        // The late acks still due are sent when due, so that every one is counted.
+        for (at, d) in late {
+            tokio::time::sleep_until(at).await;
+            settle(&mut app, &history, &refused, d).await?;
         }
         Ok(())
     }))
