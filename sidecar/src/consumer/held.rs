@@ -51,9 +51,10 @@ pub(super) struct Held {
     pub(super) incarnation: u64,
     /// Other (incarnation, attempt) pairs of the same message that were re-linked here
     /// (repeats from a restarted producer, or a dead process's forward read late).
-    /// Settlements answer each, so that whichever the current producer process waits for
-    /// is answered; a producer ignores attempts it does not hold in flight, and those of
-    /// another incarnation.
+    /// Settlements answer each of the latest incarnation, so that whichever the current
+    /// producer process waits for is answered; a producer ignores attempts it does not
+    /// hold in flight, and those of another incarnation (which are kept only so that a
+    /// late forward of a dead process is not taken for a new attempt).
     pub(super) earlier: Vec<(u64, u32)>,
     pub(super) ack_wait: Duration,
     pub(super) message_id: String,

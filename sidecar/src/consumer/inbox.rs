@@ -65,9 +65,13 @@ impl InboxState {
         }
     }
 
+    /// Answers every attempt of `h` that its producer's current process may wait for:
+    /// those of the latest incarnation (an earlier process of the producer is gone, and
+    /// its attempts would only be ignored), and every twin.
     fn reply(&self, h: &Held, outcome: Outcome, delay_ms: u64, reason: &str, out: &mut Vec<Reply>) {
         let current = (h.incarnation, h.attempt);
-        for &(incarnation, attempt) in h.earlier.iter().chain(std::iter::once(&current)) {
+        let attempts = h.earlier.iter().chain(std::iter::once(&current));
+        for &(incarnation, attempt) in attempts.filter(|(i, _)| *i == h.incarnation) {
             let name = Name {
                 offset: h.offset,
                 attempt,
