@@ -1,5 +1,5 @@
 //! A userspace TCP proxy that delays what it forwards, with jitter: this kernel has no
-//! `tc netem`, so peer-link latency is made here (RELIABILITY.md row 13).
+//! `tc netem`, so peer-link latency is made here (docs/reliability.md row 13).
 //!
 //! Every chunk read from one side is written to the other side no earlier than its arrival
 //! plus `delay ± jitter`, and never before the chunk read before it (TCP keeps order). The

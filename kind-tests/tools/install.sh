@@ -158,7 +158,7 @@ install_all() {
 	ensure_file /usr/include/google/protobuf/descriptor.proto libprotobuf-dev
 	ensure_cmd ip iproute2 optional
 	ensure_cmd iptables iptables optional
-	# The clock-skew test (RELIABILITY row 14) runs one sidecar under libfaketime (LD_PRELOAD).
+	# The clock-skew test (docs/reliability.md row 14) runs one sidecar under libfaketime (LD_PRELOAD).
 	ensure_cmd faketime faketime
 	mkdir -p "$TOOLS_DIR"
 	exec 9>"$TOOLS_DIR/.install.lock"

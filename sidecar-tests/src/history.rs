@@ -1,5 +1,5 @@
 //! The history checker: records every publish attempt, publish ack, delivery and consumer
-//! ack of a test run, then counts what went wrong (RELIABILITY.md's shared pass criteria).
+//! ack of a test run, then counts what went wrong (docs/reliability.md's shared pass criteria).
 //!
 //! - **lost**: a message whose publish was acked but that some expected receiver never got
 //!   (a Unicast group: no member got it; a Broadcast group: one member did not).

@@ -1,6 +1,6 @@
 //! The sidecar's clock for everything that turns a wall-clock timestamp into a timer: TTL,
 //! delayed delivery, `retention.maxAge`, the dedup window and the ExactlyOnce acked-id
-//! window (RELIABILITY.md row 14).
+//! window (docs/reliability.md row 14).
 //!
 //! The wall clock is read **once**, when the process first asks for the time (startup);
 //! from then on "now" is that reading plus the monotonic time elapsed since. So:

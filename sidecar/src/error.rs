@@ -1,5 +1,5 @@
 //! Typed errors of the sidecar and the one place that maps them to gRPC and HTTP statuses,
-//! so the same fault gives the same answer on every port (RELIABILITY.md row 23).
+//! so the same fault gives the same answer on every port (docs/reliability.md row 23).
 
 use axum::http::StatusCode;
 use tonic::Code;

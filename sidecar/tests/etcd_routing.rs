@@ -1,4 +1,4 @@
-//! The etcd routing source against a real etcd (RELIABILITY.md rows 15 and 16).
+//! The etcd routing source against a real etcd (docs/reliability.md rows 15 and 16).
 //!
 //! Tests of this binary share one etcd (`ControlPlane::shared()`) and its fixed
 //! `/ferry/v1/` prefix, so each writes its own namespace and compares only that

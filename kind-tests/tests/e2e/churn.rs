@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 21, `pod_churn_membership`: under a steady publish load, one worker
+//! docs/reliability.md row 21, `pod_churn_membership`: under a steady publish load, one worker
 //! pod flips NotReady and back, another is deleted (its sidecar killed with messages in
 //! flight) and recreated under the same name with a new IP. Each member leaves the table
 //! within a deadline; messages in flight to the deleted pod are redelivered to another

@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 13, `flaky_peer_network`: every peer link (sidecar to sidecar, both
+//! docs/reliability.md row 13, `flaky_peer_network`: every peer link (sidecar to sidecar, both
 //! ways) goes through a userspace delay proxy (100 ms ± 50 ms; netem is absent here) and
 //! loses 20 % of its packets (iptables `statistic` in every pod's namespace), while a
 //! producer publishes keyed messages of an ordered topic. Then the faults stop and the

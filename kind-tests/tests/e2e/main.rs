@@ -7,7 +7,7 @@
 //! Needs root (network namespaces, iptables); fails with a clear message otherwise.
 //!
 //! - `examples`: every example under `examples/`, its messages flowing as its README says;
-//! - `zones`: RELIABILITY.md row 12, every same-zone member of a group gone;
+//! - `zones`: docs/reliability.md row 12, every same-zone member of a group gone;
 //! - `churn`: row 21, pods flip Ready, get deleted and recreated with new IPs under load;
 //! - `partition`: row 11, zone-a cut from zone-b;
 //! - `flaky`: row 13, random loss and a delay proxy on the peer links.

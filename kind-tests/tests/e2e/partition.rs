@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 11, `zone_partition`: zone-a and zone-b cannot reach each other
+//! docs/reliability.md row 11, `zone_partition`: zone-a and zone-b cannot reach each other
 //! (blackhole routes in every pod's namespace; etcd stays reachable from both), producers
 //! publish in both zones. A `PreferSameZone` group keeps receiving in each zone; messages
 //! for a group whose only member is across the cut stay with their producer (a backlog,

@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 12, `same_zone_members_gone`: every same-zone member of a group turns
+//! docs/reliability.md row 12, `same_zone_members_gone`: every same-zone member of a group turns
 //! NotReady through the API server, as a kubelet would report it. `PreferSameZone` fails
 //! over to the other zone; `SameZoneOnly` delivers nothing cross-zone and its messages wait
 //! until a same-zone member is Ready again; `Any` is unaffected. Lost = 0 for all three.

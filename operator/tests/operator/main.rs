@@ -7,7 +7,7 @@
 //! - `leadership`: restart idempotency, fencing of a stale leader;
 //! - `webhook`: sidecar injection through the real API server;
 //! - `examples`: every example under `examples/` turns Ready (`kubectl wait`);
-//! - `outages`: RELIABILITY.md rows 15 and 17, etcd and API server paused (SIGSTOP);
+//! - `outages`: docs/reliability.md rows 15 and 17, etcd and API server paused (SIGSTOP);
 //! - `zombie`: row 18, a `ferry-operator` process frozen past its lease and resumed;
 //! - `faults`: signals, a routing etcd of a test's own, a private control plane.
 

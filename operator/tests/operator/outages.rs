@@ -1,4 +1,4 @@
-//! RELIABILITY.md rows 15 (`etcd_outage`, operator side) and 17 (`apiserver_outage`), CI
+//! docs/reliability.md rows 15 (`etcd_outage`, operator side) and 17 (`apiserver_outage`), CI
 //! smoke variants: each outage is a real SIGSTOP of the real process for a few seconds.
 
 use std::time::{Duration, Instant};

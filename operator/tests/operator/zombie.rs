@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 18, zombie leader (CI smoke variant): the leader is a real
+//! docs/reliability.md row 18, zombie leader (CI smoke variant): the leader is a real
 //! `ferry-operator` process, frozen with SIGSTOP past the lease duration while an
 //! in-process standby takes over and changes the table, then resumed with SIGCONT.
 

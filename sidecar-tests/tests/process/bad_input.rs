@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 23: each bad input on the app ports gets a precise status, and
+//! docs/reliability.md row 23: each bad input on the app ports gets a precise status, and
 //! garbage or huge headers on any port (app, peer, admin) do not crash a sidecar (same PID,
 //! still answers).
 

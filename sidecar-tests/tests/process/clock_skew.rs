@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 14: one sidecar's wall clock is 10 minutes behind, then jumps 20
+//! docs/reliability.md row 14: one sidecar's wall clock is 10 minutes behind, then jumps 20
 //! minutes forward, then 20 minutes back, while it holds messages with TTLs and delays and
 //! remembers ids for deduplication. The producer's sidecar runs under Debian's libfaketime
 //! (`LD_PRELOAD`, the clock offset read from a file the test rewrites); the monotonic clock

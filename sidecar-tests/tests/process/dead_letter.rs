@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 3 (poison part): an app that always nacks; the message goes to the
+//! docs/reliability.md row 3 (poison part): an app that always nacks; the message goes to the
 //! dead-letter topic after exactly `maxDeliveries` deliveries, with the reason and the
 //! attempt history in its headers.
 

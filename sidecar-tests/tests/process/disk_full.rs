@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 9: the producer's data dir runs out of space under load. Its data dir
+//! docs/reliability.md row 9: the producer's data dir runs out of space under load. Its data dir
 //! is a loop-mounted 40 MiB ext4 (root only, like the network-namespace suite), with an
 //! 8 MiB filler file that the test deletes to free space again.
 //!

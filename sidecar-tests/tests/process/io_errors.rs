@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 10: `fsync` of the log fails (EIO, injected through the sidecar's
+//! docs/reliability.md row 10: `fsync` of the log fails (EIO, injected through the sidecar's
 //! `log::fsync` failpoint, built with the `failpoints` feature). The failpoint's argument
 //! limits it to the topic's segment files, so the rest of the sidecar keeps working.
 //!

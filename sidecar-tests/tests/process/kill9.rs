@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 2 (kill part), small variant: `kill -9` of the producer's sidecar
+//! docs/reliability.md row 2 (kill part), small variant: `kill -9` of the producer's sidecar
 //! under load on a Disk topic, restart on the same data dir: no acked message is lost.
 
 use std::sync::Arc;

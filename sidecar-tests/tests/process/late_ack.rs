@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 3, pause part: the sidecar of the consumer holding a delivery is
+//! docs/reliability.md row 3, pause part: the sidecar of the consumer holding a delivery is
 //! frozen (SIGSTOP) past `ackWait`; the producer's sidecar cannot get an answer from it,
 //! redelivers to the other member, whose app acks. When the frozen sidecar resumes, its
 //! app's late ack of the superseded delivery gets a precise "expired" error, and the

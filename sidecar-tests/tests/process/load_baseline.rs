@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 1, small variant: steady publish/consume with no faults, two zones,
+//! docs/reliability.md row 1, small variant: steady publish/consume with no faults, two zones,
 //! three groups (unicast, broadcast, ordered); nothing lost, duplicated, unexpected or
 //! reordered, and every group gets every message.
 

@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 4: a power loss of the producer's node. The sidecar is `kill -9`ed and
+//! docs/reliability.md row 4: a power loss of the producer's node. The sidecar is `kill -9`ed and
 //! restarted with `FERRY_SIMULATE_POWER_LOSS=1` (feature `powerloss`), which first cuts
 //! every log file back to its last fsynced length: what a power loss keeps.
 //!

@@ -1,4 +1,4 @@
-//! RELIABILITY.md rows 6 and 5 on local processes, for `durability: Replicated` with
+//! docs/reliability.md rows 6 and 5 on local processes, for `durability: Replicated` with
 //! `replicas: 2`. The producer's pod is a member of a group (`senders`) so that it has a
 //! member record in the routing table, as every pod with a sidecar has in a cluster.
 //!

@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 2 (SIGTERM part), small variant: SIGTERM to the producer's sidecar
+//! docs/reliability.md row 2 (SIGTERM part), small variant: SIGTERM to the producer's sidecar
 //! with a backlog on a Disk topic. It refuses new publishes with a clear status, keeps
 //! delivering until the backlog is drained, and exits 0 within its grace period; nothing
 //! acked is lost.

@@ -1,4 +1,4 @@
-//! RELIABILITY.md row 7, process variant: crash the producer's sidecar, damage the tail of
+//! docs/reliability.md row 7, process variant: crash the producer's sidecar, damage the tail of
 //! its last segment file (random garbage, then a zero-filled block), restart it: no panic,
 //! every acked record is still there (and delivered), and the log says it truncated.
 
@@ -101,7 +101,7 @@ async fn torn_tail_is_truncated_and_acked_records_survive() -> anyhow::Result<()
     let c = drain(&history, &expect, Duration::from_secs(60), "torn_tail").await?;
     assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
     // Each crash may redeliver what was in flight: at most maxInFlight (100) x 1 member
-    // per crash (RELIABILITY.md's duplicate bound).
+    // per crash (docs/reliability.md's duplicate bound).
     assert!(c.duplicated <= 2 * 100, "{c}");
     // The consumer's sidecar held the killed processes' forwards in flight; the restarted
     // producer's repeats re-link to them instead of reaching the app twice. Any copy beyond

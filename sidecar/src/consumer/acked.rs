@@ -1,7 +1,7 @@
 //! What a consumer inbox remembers about deliveries its app already acked, per producer and
 //! offset, so that a producer that lost the ack (its stream broke, or it restarted after
 //! `kill -9`) gets ACKED back at once instead of the app getting a second copy
-//! (RELIABILITY.md rows 2 and 3).
+//! (docs/reliability.md rows 2 and 3).
 //!
 //! Bounded twice: entries older than [`ACKED_MEMORY`] are forgotten, and so are the oldest
 //! ones beyond [`ACKED_MEMORY_MAX`], so that memory stays bounded at any throughput (at

@@ -397,8 +397,9 @@ impl Consumer {
         };
         if let Ok(Some(message_id)) = &result {
             self.persist_acked(&inbox, message_id);
-            // Tests of RELIABILITY.md's ExactlyOnce row: die right here, after the ack is
-            // durable and before the producer hears of it.
+            // Tests of `ExactlyOnce` across a crash (0 duplicates, docs/reliability.md's shared
+            // criteria): die right here, after the ack is durable and before the producer
+            // hears of it.
             #[cfg(feature = "failpoints")]
             fail::fail_point!("consumer::acked_persisted", |_| -> Result<(), Error> {
                 std::process::abort()

@@ -7,7 +7,7 @@
 //! - After any fsync error the log is *poisoned*: every later call fails with
 //!   `LogError::Poisoned`. Linux may drop dirty pages after a failed writeback and report
 //!   success on the next fsync, so retrying could ack data that is gone (PostgreSQL's
-//!   "fsyncgate"; RELIABILITY row 10). Restarting re-reads what is really on disk.
+//!   "fsyncgate"; docs/reliability.md row 10). Restarting re-reads what is really on disk.
 //! - A batch never straddles segments: the roll happens before it, so an append is all or
 //!   nothing. A segment can therefore exceed `segment_bytes` by up to one batch.
 

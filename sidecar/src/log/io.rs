@@ -1,6 +1,6 @@
 //! Small I/O helpers: errors with context, directory fsync, and failpoints.
 //!
-//! Failpoints (cargo feature `failpoints`, RELIABILITY row 10) sit on `log::write`,
+//! Failpoints (cargo feature `failpoints`, docs/reliability.md row 10) sit on `log::write`,
 //! `log::fsync` and `log::rename`. The failpoint's argument, if any, is matched against the
 //! file's path, so a test can break only its own temporary directory while other tests run
 //! in parallel: `fail::cfg("log::fsync", "return(/tmp/.tmpAbC)")`. Without an argument

@@ -18,7 +18,7 @@ pub enum MemoryRetention {
     #[default]
     Unbounded,
     /// Keep at most this many bytes; append drops the oldest records (settled or not) to
-    /// make room and counts the unsettled ones in [`Log::dropped`]. DESIGN.md: "Memory
+    /// make room and counts the unsettled ones in [`Log::dropped`]. The design: "Memory
     /// topics may drop the oldest".
     DropOldest { max_bytes: u64 },
     /// Reject appends that would push the backlog past this many bytes, like a disk log.

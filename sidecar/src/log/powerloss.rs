@@ -1,4 +1,4 @@
-//! A simulated disk that loses un-fsynced writes (RELIABILITY.md row 4), behind the cargo
+//! A simulated disk that loses un-fsynced writes (docs/reliability.md row 4), behind the cargo
 //! feature `powerloss`; without it every function here is an empty inline stub.
 //!
 //! `kill -9` keeps everything a process wrote (it sits in the page cache); a power loss

@@ -1,7 +1,7 @@
 //! Recovery on open: what the findings of `scan.rs` mean for each segment, what is
 //! truncated, what is reported, and the `RecoveryReport` handed to the caller.
 //!
-//! Two different faults look alike on disk and are treated differently (RELIABILITY rows
+//! Two different faults look alike on disk and are treated differently (docs/reliability.md rows
 //! 7 and 8, after etcd's `wal/repair.go` and "Protocol-Aware Recovery", FAST'18):
 //!
 //! - A **torn tail**: the process or machine died mid-append, so the end of the *last*

@@ -1,4 +1,4 @@
-//! Crash and corruption recovery of `DiskLog` (RELIABILITY rows 7, 8 and 10).
+//! Crash and corruption recovery of `DiskLog` (docs/reliability.md rows 7, 8 and 10).
 
 use std::fs::OpenOptions;
 use std::io::Write;

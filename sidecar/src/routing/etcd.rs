@@ -16,7 +16,7 @@
 //!   the applied revision + 1: etcd replays what was missed, with no list. If etcd has
 //!   compacted past that revision it cancels the new watch with `compact_revision` set, and
 //!   only then the source lists again (also for any other cancel). This is what etcd's own
-//!   clients do, and it makes RELIABILITY.md row 16 a real detection, not a side effect.
+//!   clients do, and it makes docs/reliability.md row 16 a real detection, not a side effect.
 //! - **Never back in time (row 16).** A list served at a revision lower than the one
 //!   applied (a lagging member) is refused and retried; `apply_if_newer` refuses older
 //!   tables as a last guard.

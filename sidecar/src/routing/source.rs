@@ -3,7 +3,7 @@
 //! added next to [`FileSource`] (local mode) without touching anything else.
 //!
 //! Every source keeps one rule: a table with a lower `revision` than one already applied is
-//! never applied (no "back in time" routing, RELIABILITY.md row 16).
+//! never applied (no "back in time" routing, docs/reliability.md row 16).
 
 use std::path::PathBuf;
 use std::sync::Arc;

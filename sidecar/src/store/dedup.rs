@@ -2,7 +2,7 @@
 //! stored twice; the publisher gets the first copy's offset back, flagged as a duplicate.
 //!
 //! Time is monotonic (`Instant`), so wall-clock jumps neither expire ids early nor keep them
-//! forever (RELIABILITY.md row 14). For disk topics the window also lives in a journal
+//! forever (docs/reliability.md row 14). For disk topics the window also lives in a journal
 //! (`dedup_journal.rs`) so that it survives a restart: at startup each journalled id gets
 //! the time it has left, computed once from its wall-clock stamp against the wall clock as
 //! read at this startup (`crate::clock`), and counts down on the monotonic clock from there.

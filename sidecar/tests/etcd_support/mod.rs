@@ -231,7 +231,7 @@ pub fn member(ns: &str, group: &str, pod: &str, ready: bool) -> MemberEntry {
     member
 }
 
-/// Whether `revisions` never goes down (no "back in time", RELIABILITY.md row 16).
+/// Whether `revisions` never goes down (no "back in time", docs/reliability.md row 16).
 pub fn non_decreasing(revisions: &[i64]) -> bool {
     revisions.windows(2).all(|w| w[0] <= w[1])
 }

@@ -94,7 +94,7 @@ struct Entry {
     /// Written by an earlier process of this sidecar, which may have delivered it: its
     /// first delivery by this process is numbered as a redelivery (attempt 2), so that
     /// the consumer can tell it from a new message and every duplicate it causes is an
-    /// explained one (RELIABILITY.md's shared criteria).
+    /// explained one (docs/reliability.md's shared criteria).
     recovered: bool,
 }
 

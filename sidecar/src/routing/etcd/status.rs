@@ -55,7 +55,7 @@ impl SourceStatus {
     /// Whether `/readyz` should say ready, and a line saying why.
     ///
     /// Ready once a table was loaded, even while etcd is unreachable: the sidecar keeps
-    /// routing with its last table (DESIGN.md, RELIABILITY.md row 15), and turning every
+    /// routing with its last table (the design; docs/reliability.md row 15), and turning every
     /// sidecar NotReady during an etcd outage would take every pod out of its Services and,
     /// once the operator runs again, out of every group. Not ready before the first table:
     /// a sidecar that never saw the table cannot route, and must not become a member.
