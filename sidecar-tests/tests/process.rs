@@ -11,6 +11,7 @@ mod process {
     pub mod dedup_restart;
     pub mod delivery_counts;
     pub mod dev_cli;
+    pub mod dev_signals;
     pub mod disk_full;
     pub mod durable_app;
     pub mod exactly_once_restart;
