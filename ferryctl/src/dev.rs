@@ -2,8 +2,8 @@
 //!
 //! Reads the folder, makes (or reads) the local pods, starts one sidecar per pod on its own
 //! loopback address, prints who is where, then every `--interval` prints what the sidecars
-//! count (from their metrics) and picks up edits to the CR files, until Ctrl-C or
-//! `--exit-after`. Data (logs, the routing file, each sidecar's message log) lives in
+//! count (from their metrics) and picks up edits to the CR files, until Ctrl-C, SIGTERM or
+//! SIGHUP ([`stop`]) or `--exit-after`; then it drains and stops every sidecar. Data (logs, the routing file, each sidecar's message log) lives in
 //! `<dir>/.ferry-dev/` unless `--data-dir` says otherwise, so a restarted `dev` finds its
 //! backlog again; `--fresh` starts empty.
 
@@ -20,6 +20,9 @@ use crate::mesh::{Mesh, MeshConfig, Planned};
 use crate::{metrics, sidecar_bin};
 
 mod demo;
+pub mod stop;
+
+use stop::{StopSignals, say};
 
 /// Folder under the CR folder where `dev` keeps its data by default.
 pub const DATA_DIR: &str = ".ferry-dev";
@@ -122,6 +125,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         config.sidecar_bin.display()
     );
 
+    let mut signals = StopSignals::install().context("watching SIGINT, SIGTERM and SIGHUP")?;
     let mut mesh = Mesh::start_planned(&config, planned).await?;
     print!("{}", sidecars_table(&mesh));
     print_hints(&mesh);
@@ -132,24 +136,32 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("demo traffic on (--no-demo turns it off):");
         demo::start(&mesh, args.demo_interval, &stop_demo)
     };
-    let outcome = watch(&mut mesh, &args).await;
+    let outcome = watch(&mut mesh, &args, &mut signals).await;
     stop_demo.cancel();
     while demo.join_next().await.is_some() {}
-    println!(
+    say(format_args!(
         "stopping: SIGTERM to every sidecar (grace {:?})...",
         args.shutdown_grace
-    );
-    let unclean = mesh.shutdown().await;
+    ));
+    // A second signal does not wait for the drain: dropping the shutdown kills the
+    // sidecars still running (SIGKILL; `Disk` topics keep what they acked).
+    let unclean = tokio::select! {
+        unclean = mesh.shutdown() => unclean,
+        name = signals.next() => {
+            say(format_args!("{name} again: SIGKILL to the sidecars still draining"));
+            anyhow::bail!("stopped by a second {name} before the sidecars drained");
+        }
+    };
     if unclean.is_empty() {
-        println!("all sidecars stopped cleanly");
+        say(format_args!("all sidecars stopped cleanly"));
     } else {
-        println!("did not stop cleanly: {}", unclean.join(", "));
+        say(format_args!("did not stop cleanly: {}", unclean.join(", ")));
     }
     outcome
 }
 
 /// The loop after start-up: counters, reloads and crashed sidecars, until told to stop.
-async fn watch(mesh: &mut Mesh, args: &DevArgs) -> anyhow::Result<()> {
+async fn watch(mesh: &mut Mesh, args: &DevArgs, signals: &mut StopSignals) -> anyhow::Result<()> {
     let start = Instant::now();
     let stop_at = args.exit_after.map(|d| start + d);
     let mut last: BTreeMap<&'static str, f64> = BTreeMap::new();
@@ -161,7 +173,10 @@ async fn watch(mesh: &mut Mesh, args: &DevArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            name = signals.next() => {
+                say(format_args!("{name}: stopping"));
+                return Ok(());
+            }
             () = tokio::time::sleep(until_stop.unwrap_or(Duration::MAX)) => return Ok(()),
             _ = ticker.tick() => {}
         }
@@ -309,7 +324,7 @@ fn print_hints(mesh: &Mesh) {
             producer.endpoints.app_grpc, sub.topic
         );
     }
-    println!("Ctrl-C stops every sidecar.");
+    println!("Ctrl-C stops every sidecar (so do SIGTERM and SIGHUP).");
 }
 
 fn print_problems(problems: &[Problem]) {

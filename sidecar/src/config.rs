@@ -87,6 +87,13 @@ pub struct Config {
     /// duplicates when a producer was only cut off for a while.
     #[arg(long, env = "FERRY_REPLICA_TAKEOVER_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub replica_takeover_after: Duration,
+    /// Drain and exit, as on SIGTERM, once stdin reaches end of file. For a supervisor that
+    /// runs the sidecar as its child with a pipe on its stdin (`ferryctl dev`, the process
+    /// tests): the pipe closes when the supervisor dies, even by `kill -9`, so its sidecars
+    /// never outlive it and keep its ports. Off by default: a container's stdin is empty,
+    /// which would stop the sidecar at once.
+    #[arg(long, env = "FERRY_DRAIN_ON_STDIN_EOF")]
+    pub drain_on_stdin_eof: bool,
 }
 
 /// Parses a Go-style duration (`25s`, `1m30s`, `200ms`) as the CRDs write them.
@@ -116,6 +123,7 @@ impl Config {
             async_sync_interval: Duration::from_millis(50),
             dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
             replica_takeover_after: Duration::from_secs(60),
+            drain_on_stdin_eof: false,
         }
     }
 

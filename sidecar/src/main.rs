@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
         ferry_sidecar::log::powerloss::simulate(&config.data_dir)
             .context("simulating a power loss")?;
     }
+    let watch_stdin = config.drain_on_stdin_eof;
     let mut status = None;
     let source: Box<dyn RoutingSource> = match &config.routing_file {
         Some(path) => Box::new(FileSource::new(path.clone())),
@@ -60,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the sidecar")?;
     println!("{}", running.ready_line());
-    ferry_sidecar::shutdown::signal().await;
+    ferry_sidecar::shutdown::requested(watch_stdin).await;
     running.shutdown();
     running.wait().await.context("shutting down")?;
     Ok(())

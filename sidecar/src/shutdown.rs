@@ -1,9 +1,10 @@
-//! Orderly shutdown. On SIGTERM (or SIGINT) the sidecar stops taking publishes (they get
-//! UNAVAILABLE "shutting down"), keeps delivering until every store is drained or the grace
-//! period ends, hands deliveries it holds for its own app back to their producers, cancels
-//! every task (one `CancellationToken` shared by all of them), joins them, and syncs the logs.
-//! The drain gets [`DRAIN_SHARE`] of the grace period; what is still undelivered then is
-//! handed to a live peer (`crate::replica::handoff`) in the rest of it. What no peer takes
+//! Orderly shutdown. On SIGTERM (or SIGINT, or stdin closing under `--drain-on-stdin-eof`)
+//! the sidecar stops taking publishes (they get UNAVAILABLE "shutting down"), keeps
+//! delivering until every store is drained or the grace period ends, hands deliveries it
+//! holds for its own app back to their producers, cancels every task (one
+//! `CancellationToken` shared by all of them), joins them, and syncs the logs. The drain
+//! gets [`DRAIN_SHARE`] of the grace period; what is still undelivered then is handed to a
+//! live peer (`crate::replica::handoff`) in the rest of it. What no peer takes
 //! stays in the durable log and is delivered after a restart (`Disk`/`DiskAsync`).
 
 use std::time::Duration;
@@ -36,6 +37,54 @@ pub async fn signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Waits for SIGTERM or SIGINT, or, with `watch_stdin`, for stdin to reach end of file
+/// (`--drain-on-stdin-eof`: the supervisor holding the other end of the pipe is gone).
+pub async fn requested(watch_stdin: bool) {
+    if watch_stdin {
+        tokio::select! {
+            () = signal() => {}
+            () = stdin_closed() => tracing::info!("stdin closed: draining"),
+        }
+    } else {
+        signal().await;
+    }
+}
+
+/// Resolves once stdin reaches end of file (or fails). Whatever arrives before is ignored.
+/// The read blocks in a thread of its own, not in the runtime's blocking pool: a read
+/// still pending there would hold up the runtime's shutdown.
+async fn stdin_closed() {
+    let (closed, on_closed) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("stdin-eof".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 256];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading stdin failed: draining");
+                        break;
+                    }
+                }
+            }
+            let _ = closed.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = on_closed.await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch stdin; only signals stop the sidecar");
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -4,6 +4,14 @@
 //! admin=..` once it listens; that line, not a sleep or a port probe, is what "up" means.
 //! Everything the process prints goes to its log file and to an in-memory copy that tests
 //! search (for example for the "truncated" line after a torn tail).
+//!
+//! A sidecar never outlives the process that started it. It runs in a process group of
+//! its own, so a terminal's signals (Ctrl-C, SIGHUP when it closes) reach only its parent,
+//! which stops its sidecars in order, and it drains and exits when its stdin, a pipe its
+//! parent holds, closes (`--drain-on-stdin-eof`): that also covers a parent killed by
+//! `kill -9`. (`PR_SET_PDEATHSIG` would need `unsafe` in a `pre_exec` hook, fires when the
+//! parent *thread* ends rather than the process, and is Linux-only; the pipe is none of
+//! these.)
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +22,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
 
 use super::plan::SidecarSpec;
@@ -115,6 +123,9 @@ pub struct SidecarProcess {
     pub ready: ReadyLine,
     pub output: Output,
     child: Child,
+    /// The write end of the sidecar's stdin, never written: closing it (this process
+    /// exiting, however it exits) tells the sidecar to drain and exit.
+    _lifeline: Option<ChildStdin>,
 }
 
 /// What every sidecar of a mesh shares.
@@ -170,8 +181,10 @@ impl SidecarProcess {
             .arg(&launch.routing_file)
             .arg("--shutdown-grace")
             .arg(format!("{}ms", launch.shutdown_grace.as_millis()))
+            .arg("--drain-on-stdin-eof")
             .envs(launch.env.iter().cloned())
-            .stdin(Stdio::null())
+            .process_group(0)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -181,6 +194,7 @@ impl SidecarProcess {
             source,
         })?;
         let pid = child.id().unwrap_or_default();
+        let lifeline = child.stdin.take();
         let output = Output::default();
         let (ready_tx, mut ready_rx) = watch::channel(None);
         if let Some(stdout) = child.stdout.take() {
@@ -211,6 +225,7 @@ impl SidecarProcess {
                 ready,
                 output,
                 child,
+                _lifeline: lifeline,
             }),
             None => {
                 let _ = child.start_kill();

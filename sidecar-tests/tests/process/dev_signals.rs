@@ -96,7 +96,9 @@ impl Dev {
 /// Whether `pid` is a live (not zombie) `ferry-sidecar` process.
 fn sidecar_alive(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim().chars().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim().chars().next());
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     matches!(state, Some(s) if s != 'Z' && s != 'X')
         && String::from_utf8_lossy(&cmdline).contains("ferry-sidecar")
@@ -125,12 +127,17 @@ async fn stop_with(signal: Signal) -> anyhow::Result<(std::process::ExitStatus, 
     let subnet = format!("{a}.{b}.{c}");
     let data = tempfile::tempdir()?;
     let mut dev = Dev::start(&subnet, data.path(), &["--exit-after", "120s"])?;
-    wait_for(Duration::from_secs(60), "dev prints that the mesh is up", || {
-        dev.printed("Ctrl-C stops every sidecar")
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "dev prints that the mesh is up",
+        || dev.printed("Ctrl-C stops every sidecar"),
+    )
     .await?;
     let pids = dev.sidecar_pids(&subnet);
-    println!("{signal}: ferryctl dev pid {}, sidecars {pids:?}", dev.pid()?);
+    println!(
+        "{signal}: ferryctl dev pid {}, sidecars {pids:?}",
+        dev.pid()?
+    );
     assert_eq!(pids.len(), 3, "the sidecars table lists three sidecars");
     assert!(pids.iter().all(|&p| sidecar_alive(p)));
     let orphans = Orphans(pids.clone());
