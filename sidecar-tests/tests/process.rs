@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod process {
+    pub mod at_most_once;
     pub mod bad_input;
     pub mod clock_skew;
     pub mod common;

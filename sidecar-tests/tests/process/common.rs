@@ -114,6 +114,16 @@ pub async fn drain(
 /// (`topic_spec`), the group `billing` with one member `billing-a`, the Subscription
 /// `billing-orders` (`subscription_spec`), and a `producer` pod in no group.
 pub async fn orders_mesh(topic_spec: &str, subscription_spec: &str) -> anyhow::Result<TestMesh> {
+    orders_mesh_with_env(topic_spec, subscription_spec, &[]).await
+}
+
+/// [`orders_mesh`] with extra environment for every sidecar (`FERRY_*` flags), restarts
+/// included.
+pub async fn orders_mesh_with_env(
+    topic_spec: &str,
+    subscription_spec: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<TestMesh> {
     let crs = [
         topic("orders", topic_spec),
         group("billing", "billing", ""),
@@ -125,7 +135,7 @@ pub async fn orders_mesh(topic_spec: &str, subscription_spec: &str) -> anyhow::R
         pod("producer", "zone-a", ""),
     ]
     .concat();
-    TestMesh::start(&crs, &pods).await
+    TestMesh::start_with_env(&crs, &pods, env).await
 }
 
 /// Publishes one message per id to `default/orders` from the `producer` pod, each acked
@@ -182,4 +192,41 @@ pub async fn drain_orders(
         check_order: false,
     }];
     drain(history, &expect, timeout, test).await
+}
+
+/// The sum of a pod's sidecar metric samples for `topic` whose name contains `word`
+/// (`dropped`, `backlog_bytes`; not the `_created` timestamps).
+pub async fn topic_metric(
+    mesh: &TestMesh,
+    pod: &str,
+    word: &str,
+    topic: &str,
+) -> anyhow::Result<f64> {
+    let samples = ferryctl::metrics::scrape(mesh.mesh.endpoints(pod)?.admin).await?;
+    Ok(samples
+        .iter()
+        .filter(|s| s.name.contains(word) && !s.name.ends_with("_created"))
+        .filter(|s| s.labels.get("topic").is_some_and(|t| t == topic))
+        .map(|s| s.value)
+        .sum())
+}
+
+/// Waits until `pod`'s sidecar holds nothing of `topic` unsettled (`backlog_bytes` 0): from
+/// then on it has nothing left to deliver or redeliver.
+pub async fn wait_settled(
+    mesh: &TestMesh,
+    pod: &str,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if topic_metric(mesh, pod, "backlog_bytes", topic).await? == 0.0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{pod} still holds unsettled messages of {topic} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
