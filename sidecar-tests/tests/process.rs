@@ -5,6 +5,7 @@
 
 mod process {
     pub mod at_most_once;
+    pub mod backlog_limit;
     pub mod bad_input;
     pub mod clock_skew;
     pub mod common;
