@@ -23,6 +23,7 @@ mod process {
     pub mod kill9;
     pub mod late_ack;
     pub mod load_baseline;
+    pub mod nack_delay;
     pub mod ordering;
     pub mod power_loss;
     pub mod replicated;
