@@ -26,6 +26,7 @@ mod process {
     pub mod nack_delay;
     pub mod ordering;
     pub mod power_loss;
+    pub mod power_loss_replicated;
     pub mod replicated;
     pub mod reused_offsets;
     pub mod sigterm;
