@@ -16,7 +16,7 @@ use super::common::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
-    let c = hand_off("maxInFlight: 10", "sigterm_handoff").await?;
+    let c = hand_off("durability: Disk", "maxInFlight: 10", "sigterm_handoff").await?;
     // The deliveries in flight when the handoff started were queued for the app by
     // billing-a's sidecar and are handed off too: at most maxInFlight x 1 member, each
     // followed by the new holder's delivery with attempt >= 2.
@@ -31,6 +31,7 @@ async fn sigterm_hands_backlog_to_a_peer() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_handoff_exactly_once_delivers_each_message_once() -> anyhow::Result<()> {
     let c = hand_off(
+        "durability: Disk",
         "maxInFlight: 10, qos: ExactlyOnce",
         "sigterm_handoff_exactly_once",
     )
@@ -39,10 +40,39 @@ async fn sigterm_handoff_exactly_once_delivers_each_message_once() -> anyhow::Re
     Ok(())
 }
 
-/// Publishes a backlog no app consumes, SIGTERMs the producer's sidecar (which must hand
-/// the backlog off and exit 0), then starts the consumer: nothing lost or unexpected.
-async fn hand_off(subscription_spec: &str, test: &str) -> anyhow::Result<Counts> {
-    let mut mesh = orders_mesh("durability: Disk", subscription_spec).await?;
+/// The README's promise for every durability, `Memory` and `DiskAsync` too: a backlog that
+/// cannot drain on SIGTERM is handed to a peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_a_memory_backlog_to_a_peer() -> anyhow::Result<()> {
+    let c = hand_off(
+        "durability: Memory",
+        "maxInFlight: 10",
+        "sigterm_handoff_memory",
+    )
+    .await?;
+    assert!(c.duplicated <= 10, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_a_disk_async_backlog_to_a_peer() -> anyhow::Result<()> {
+    let c = hand_off(
+        "durability: DiskAsync",
+        "maxInFlight: 10",
+        "sigterm_handoff_disk_async",
+    )
+    .await?;
+    assert!(c.duplicated <= 10, "{c}");
+    assert_eq!(c.unexplained_duplicates, 0, "{c}");
+    Ok(())
+}
+
+/// Publishes a backlog no app consumes to a topic of `topic_spec`, SIGTERMs the producer's
+/// sidecar (which must hand the backlog off and exit 0), then starts the consumer: nothing
+/// lost or unexpected.
+async fn hand_off(topic_spec: &str, subscription_spec: &str, test: &str) -> anyhow::Result<Counts> {
+    let mut mesh = orders_mesh(topic_spec, subscription_spec).await?;
     let history = History::default();
 
     publish_orders(

@@ -1,7 +1,8 @@
 //! docs/reliability.md row 2 (SIGTERM part), small variant: SIGTERM to the producer's sidecar
-//! with a backlog on a Disk topic. It refuses new publishes with a clear status, keeps
-//! delivering until the backlog is drained, and exits 0 within its grace period; nothing
-//! acked is lost.
+//! with a backlog, for each durability (`Memory`, `DiskAsync`, `Disk`, `Replicated`). It
+//! refuses new publishes with a clear status, keeps delivering until the backlog is drained,
+//! and exits 0 within its grace period; nothing acked is lost. (A backlog that cannot drain
+//! is handed to a peer: `handoff.rs`.)
 
 use std::time::Duration;
 
@@ -15,7 +16,32 @@ use super::common::{billing_consumer, drain_orders, orders_mesh, publish_orders}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_sigterm_refuses_publishes_and_drains_its_backlog() -> anyhow::Result<()> {
-    let mut mesh = orders_mesh("durability: Disk", "").await?;
+    sigterm_drains("durability: Disk", "producer_sigterm").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_sigterm_drains_a_memory_backlog() -> anyhow::Result<()> {
+    sigterm_drains("durability: Memory", "producer_sigterm_memory").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_sigterm_drains_a_disk_async_backlog() -> anyhow::Result<()> {
+    sigterm_drains("durability: DiskAsync", "producer_sigterm_disk_async").await
+}
+
+/// The replica of each message is `billing-a`'s sidecar, the only other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_sigterm_drains_a_replicated_backlog() -> anyhow::Result<()> {
+    sigterm_drains(
+        "durability: Replicated, replicas: 2",
+        "producer_sigterm_replicated",
+    )
+    .await
+}
+
+/// A backlog of 300 on a topic of `topic_spec`, then SIGTERM as the consumer starts.
+async fn sigterm_drains(topic_spec: &str, test: &str) -> anyhow::Result<()> {
+    let mut mesh = orders_mesh(topic_spec, "").await?;
     let history = History::default();
 
     // A backlog: 300 acked publishes while no app consumes.
@@ -76,7 +102,7 @@ async fn producer_sigterm_refuses_publishes_and_drains_its_backlog() -> anyhow::
     assert!(clean, "the producer's sidecar did not exit 0 by itself");
 
     // Everything acked reached the consuming app before the exit: nothing waits on disk.
-    let c = drain_orders(&history, Duration::from_secs(5), "producer_sigterm").await?;
+    let c = drain_orders(&history, Duration::from_secs(5), test).await?;
     assert_eq!((c.lost, c.unexpected, c.duplicated), (0, 0, 0), "{c}");
     consumer.abort();
     Ok(())
