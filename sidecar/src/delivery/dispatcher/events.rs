@@ -17,6 +17,13 @@ impl Dispatcher {
         match e {
             Event::Settled { from, settled } => {
                 let Some(k) = self.find_in_flight(settled.offset, &from, settled.attempt) else {
+                    // `AtMostOnce` copies are settled when sent, so the answer finds none in
+                    // flight; anything but an ack is then a delivery that failed, dropped.
+                    if self.setup.subscription.qos == Qos::AtMostOnce
+                        && settled.outcome != Outcome::Acked as i32
+                    {
+                        self.counters.dropped.inc();
+                    }
                     return;
                 };
                 if !self.names_held(&settled) {
@@ -226,6 +233,7 @@ impl Dispatcher {
         }
         if sub.qos == Qos::AtMostOnce {
             c.state = CopyState::Done(Settlement::Dropped);
+            self.counters.dropped.inc();
             self.maybe_finish(offset);
             return;
         }
