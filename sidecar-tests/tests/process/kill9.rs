@@ -16,7 +16,7 @@ use super::common::{billing_consumer, drain_orders};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn producer_sidecar_kill9_loses_no_acked_message() -> anyhow::Result<()> {
-    kill9_under_load("durability: Disk", &[], "producer_sidecar_kill9").await
+    kill9_under_load("durability: Disk", "", &[], "producer_sidecar_kill9").await
 }
 
 /// `DiskAsync` with a long fsync interval (10 s, more than the whole run): the acks of the
@@ -25,23 +25,40 @@ async fn producer_sidecar_kill9_loses_no_acked_message() -> anyhow::Result<()> {
 async fn producer_sidecar_kill9_disk_async_loses_no_acked_message() -> anyhow::Result<()> {
     kill9_under_load(
         "durability: DiskAsync",
+        "",
         &[("FERRY_ASYNC_SYNC_INTERVAL", "10s")],
         "producer_sidecar_kill9_disk_async",
     )
     .await
 }
 
+/// The README's `ExactlyOnce` promise across a `kill -9` of the producer's sidecar: the
+/// messages it sends again after the restart are answered by the consuming sidecar, which
+/// remembers the acked ids: the app sees none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn producer_sidecar_kill9_exactly_once_no_duplicate() -> anyhow::Result<()> {
+    kill9_under_load(
+        "durability: Disk, dedupWindow: 5m",
+        ", qos: ExactlyOnce",
+        &[],
+        "producer_sidecar_kill9_exactly_once",
+    )
+    .await
+}
+
 /// `kill -9` of the producer's sidecar twice while four publishers keep going, a restart
-/// each time; `env` goes to every sidecar.
+/// each time; `sub_extra` adds to the subscription's spec, `env` goes to every sidecar.
 async fn kill9_under_load(
     topic_spec: &str,
+    sub_extra: &str,
     env: &[(&str, &str)],
     test: &str,
 ) -> anyhow::Result<()> {
     let mut rng = seeded_rng(test);
+    let exactly_once = sub_extra.contains("ExactlyOnce");
     let mut mesh = orders_mesh_with_env(
         topic_spec,
-        "ackWait: 5s, backoff: {initial: 100ms, max: 1s, multiplier: 2}",
+        &format!("ackWait: 5s, backoff: {{initial: 100ms, max: 1s, multiplier: 2}}{sub_extra}"),
         env,
     )
     .await?;
@@ -118,6 +135,9 @@ async fn kill9_under_load(
     // Duplicates are allowed (a kill between the consumer's ack and the producer's record
     // of it) but bounded by the in-flight window per kill: maxInFlight 100 x 1 member.
     assert!(c.duplicated <= 100 * kills, "{c}");
+    if exactly_once {
+        assert_eq!(c.duplicated, 0, "ExactlyOnce: {c}");
+    }
     // Each duplicate is explained: it is a redelivery (attempt >= 2, never a second first
     // attempt), of a message published before a kill (in flight when the producer died),
     // and the restarted producer logged how many it would send again.
