@@ -17,6 +17,7 @@ mod process {
     pub mod disk_full;
     pub mod durable_app;
     pub mod exactly_once_restart;
+    pub mod exactly_once_takeover;
     pub mod grpcurl;
     pub mod handoff;
     pub mod io_errors;
