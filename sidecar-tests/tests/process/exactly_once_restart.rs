@@ -18,6 +18,21 @@ use super::durable_app::{publish_with, reconnecting_consumer};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_once_survives_consumer_kill_between_app_ack_and_upstream_ack() -> anyhow::Result<()>
 {
+    consumer_crash(false, "exactly_once_restart").await
+}
+
+/// The same, each abort followed by a power loss of the consuming sidecar's node: restarted
+/// with `FERRY_SIMULATE_POWER_LOSS=1`, it keeps only what it fsynced. The acked ids it
+/// answers from must have been fsynced before the ack counted as persisted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_survives_consumer_power_loss_between_app_ack_and_upstream_ack()
+-> anyhow::Result<()> {
+    consumer_crash(true, "exactly_once_power_loss").await
+}
+
+/// Aborts the consuming sidecar twice right after it persisted an app's ack, restarting it
+/// each time (after a simulated power loss if `power_loss`); then counts duplicates.
+async fn consumer_crash(power_loss: bool, test: &str) -> anyhow::Result<()> {
     let crs = [
         topic("payments", "durability: Disk, dedupWindow: 5m"),
         group("ledger", "ledger", ""),
@@ -92,15 +107,28 @@ async fn exactly_once_survives_consumer_kill_between_app_ack_and_upstream_ack() 
         )
         .await?;
         println!(
-            "exactly_once_restart round {}: consuming sidecar aborted after persisting ack {} ({published} published)",
+            "{test} round {}: consuming sidecar aborted after persisting ack {} ({published} published)",
             round + 1,
             n + 1
         );
-        let env = kill_at
+        let mut env = kill_at
             .get(round + 1)
             .map(|n| failpoint(*n))
             .unwrap_or_default();
-        mesh.mesh.restart_with_env("ledger-a", &env).await?;
+        if power_loss {
+            env.push(("FERRY_SIMULATE_POWER_LOSS".to_owned(), "1".to_owned()));
+        }
+        let restarted = mesh.mesh.restart_with_env("ledger-a", &env).await?;
+        if power_loss {
+            let said = restarted
+                .output
+                .lines()
+                .into_iter()
+                .find(|l| l.contains("simulated power loss: dropped"))
+                .unwrap_or_default();
+            println!("{test}: the consuming sidecar said at startup: {said}");
+            assert!(!said.is_empty(), "no power loss simulated");
+        }
     }
     while published < total {
         published += 1;
@@ -113,13 +141,7 @@ async fn exactly_once_survives_consumer_kill_between_app_ack_and_upstream_ack() 
         )
         .await?;
     }
-    let c = drain(
-        &history,
-        &expect,
-        Duration::from_secs(60),
-        "exactly_once_restart",
-    )
-    .await?;
+    let c = drain(&history, &expect, Duration::from_secs(60), test).await?;
     // Let any redelivery of the messages acked at the kills arrive (the producer redelivers
     // after ackWait) before counting duplicates: wait until the producer settled them all.
     let admin = mesh.mesh.endpoints("producer")?.admin;
@@ -133,7 +155,7 @@ async fn exactly_once_survives_consumer_kill_between_app_ack_and_upstream_ack() 
     )
     .await?;
     let c2 = history.check(&expect);
-    println!("exactly_once_restart: history after settling {c2}");
+    println!("{test}: history after settling {c2}");
     stop.store(true, Ordering::Relaxed);
     let _ = consumer.await;
     assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
