@@ -47,7 +47,7 @@ pub struct DevArgs {
     #[arg(long, default_value = "5s", value_parser = crate::cli::duration)]
     pub interval: Duration,
     /// Stop by itself after this long (Go duration; `0s`: as soon as every sidecar is
-    /// ready), for scripts and tests. Default: run until Ctrl-C.
+    /// ready), for scripts and tests. Default: run until Ctrl-C, SIGTERM or SIGHUP.
     #[arg(long, value_parser = crate::cli::duration)]
     pub exit_after: Option<Duration>,
     /// How long each sidecar may take to print its ready line.
