@@ -17,6 +17,7 @@ mod process {
     pub mod grpcurl;
     pub mod handoff;
     pub mod io_errors;
+    pub mod key_sequence_restart;
     pub mod kill9;
     pub mod late_ack;
     pub mod load_baseline;
