@@ -150,6 +150,17 @@ impl Engine {
                 .dedup_evicted
                 .get_or_create(&Metrics::topic(topic))
                 .clone(),
+            ordered_max_keys: self.config.ordered_max_keys,
+            ordered_keys: self
+                .metrics
+                .ordered_keys
+                .get_or_create(&Metrics::topic(topic))
+                .clone(),
+            ordered_keys_evicted: self
+                .metrics
+                .ordered_keys_evicted
+                .get_or_create(&Metrics::topic(topic))
+                .clone(),
         };
         let store =
             tokio::task::spawn_blocking(move || TopicStore::open(&entry, &data_dir, &options))
