@@ -72,7 +72,12 @@ impl Engine {
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
         let delivery = DeliveryManager::default();
-        let peers = PeerPool::new(delivery.registry.clone(), stop.clone());
+        let peers = PeerPool::new(
+            delivery.registry.clone(),
+            stop.clone(),
+            metrics.peer_links.clone(),
+            metrics.peer_links_closed.clone(),
+        );
         let identity = Identity {
             pod: config.pod_name.clone(),
             namespace: config.namespace.clone(),
