@@ -97,7 +97,11 @@ impl Engine {
                 Some(config.data_dir.clone()),
             ),
             replicas,
-            replicator: Arc::new(Replicator::new(identity.incarnation)),
+            replicator: Arc::new(Replicator::new(
+                identity.incarnation,
+                metrics.pending_trims.clone(),
+                metrics.trims_dropped.clone(),
+            )),
             identity,
             config,
             routing,
