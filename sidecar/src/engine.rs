@@ -95,6 +95,7 @@ impl Engine {
                 routing.clone(),
                 metrics.clone(),
                 Some(config.data_dir.clone()),
+                config.dedup_max_ids,
             ),
             replicas,
             replicator: Arc::new(Replicator::new(
