@@ -22,6 +22,7 @@ use crate::replica::replicator::Replicator;
 use crate::store::{StoreOptions, TopicStore};
 
 mod publish;
+mod unconfirmed;
 
 /// Who this sidecar is.
 #[derive(Debug, Clone)]
@@ -58,6 +59,9 @@ pub struct Engine {
     stores: RwLock<HashMap<String, Arc<TopicStore>>>,
     opening: tokio::sync::Mutex<()>,
     draining: AtomicBool,
+    /// `ACK_LEVEL_NONE` publishes answered and not yet stored, one permit each
+    /// (`--max-unconfirmed-publishes`).
+    unconfirmed: Arc<tokio::sync::Semaphore>,
     /// Cancelled when every task must stop (after the drain).
     pub stop: CancellationToken,
 }
@@ -88,6 +92,9 @@ impl Engine {
             incarnation: rand::random::<u64>() | 1,
         };
         let replicas = Arc::new(ReplicaLogs::new(config.data_dir.join("replicas")));
+        let unconfirmed = config
+            .max_unconfirmed_publishes
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         replicas.open_existing();
         Arc::new(Self {
             consumer: Consumer::new(
@@ -112,6 +119,7 @@ impl Engine {
             stores: RwLock::new(HashMap::new()),
             opening: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
+            unconfirmed: Arc::new(tokio::sync::Semaphore::new(unconfirmed)),
             stop,
         })
     }
