@@ -24,6 +24,8 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
+use crate::log::powerloss;
+
 /// The high mark's file in the topic's folder: the mark in decimal.
 pub const FILE: &str = "key_sequence.high";
 /// How far the high mark is moved ahead of the highest number handed out.
@@ -195,7 +197,9 @@ fn write_durably(path: &Path, mark: u64) -> Result<(), SequenceError> {
     f.write_all(format!("{mark}\n").as_bytes())
         .map_err(|e| io("writing", e))?;
     f.sync_all().map_err(|e| io("syncing", e))?;
+    powerloss::synced(&tmp);
     std::fs::rename(&tmp, path).map_err(|e| io("renaming onto", e))?;
+    powerloss::renamed(&tmp, path);
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
