@@ -26,6 +26,7 @@ mod process {
     pub mod replicated;
     pub mod reused_offsets;
     pub mod sigterm;
+    pub mod soak_bounds;
     pub mod torn_tail;
     pub mod ttl_delay;
     pub mod zones;
