@@ -89,7 +89,7 @@ fn publisher(
                 AckLevel::Stored
             };
             let mut sends = vec![(EVENTS, format!("e-{task}-{j}"), Some(key), level)];
-            if j % 5 == 0 {
+            if j.is_multiple_of(5) {
                 sends.push((COPIES, format!("c-{task}-{j}"), None, AckLevel::Stored));
             }
             for (topic, id, key, level) in sends {
