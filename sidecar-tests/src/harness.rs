@@ -12,6 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use ferry_api::local::parse_pods;
 use ferry_api::manifest::Manifests;
 use ferry_api::proto::v1::{AckLevel, PublishRequest};
+use ferry_api::routing::MemberEntry;
 use ferryctl::client::{self, App, Consumer, Event};
 use ferryctl::mesh::{Mesh, MeshConfig};
 use ferryctl::sidecar_bin;
@@ -155,7 +156,41 @@ impl TestMesh {
             members.retain(|_, m| !(m.namespace == namespace && m.pod == name));
         }
         table.members.retain(|_, m| !m.is_empty());
-        table.revision += 1;
+        self.write_table()
+    }
+
+    /// Adds (or replaces) a member record of `group` (`namespace/name`) and writes the
+    /// routing file with the next revision, as the operator does when a pod of the group
+    /// becomes ready. The record's address need not have a sidecar behind it.
+    pub fn add_member(&mut self, group: &str, member: MemberEntry) -> Result<()> {
+        self.mesh
+            .table
+            .members
+            .entry(group.to_owned())
+            .or_default()
+            .insert(member.pod.clone(), member);
+        self.write_table()
+    }
+
+    /// The member records of `pod` (`namespace/name` or `name`), by group.
+    pub fn member_records(&self, pod: &str) -> Vec<(String, MemberEntry)> {
+        let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
+        self.mesh
+            .table
+            .members
+            .iter()
+            .flat_map(|(group, members)| {
+                members
+                    .values()
+                    .filter(|m| m.namespace == namespace && m.pod == name)
+                    .map(|m| (group.clone(), m.clone()))
+            })
+            .collect()
+    }
+
+    /// Writes the table with the next revision, atomically.
+    fn write_table(&mut self) -> Result<()> {
+        self.mesh.table.revision += 1;
         let path = self.mesh.routing_file().to_owned();
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&self.mesh.table)?)?;

@@ -21,6 +21,7 @@ mod process {
     pub mod grpcurl;
     pub mod handoff;
     pub mod io_errors;
+    pub mod key_sequence_restart;
     pub mod kill9;
     pub mod late_ack;
     pub mod load_baseline;
@@ -31,6 +32,7 @@ mod process {
     pub mod replicated;
     pub mod reused_offsets;
     pub mod sigterm;
+    pub mod soak_bounds;
     pub mod torn_tail;
     pub mod ttl_delay;
     pub mod zones;

@@ -13,6 +13,10 @@ use crate::error::Error;
 /// Default of `--dedup-max-ids`: 2 minutes of ids at about 2,000 messages per second, about
 /// 40 MiB at the limit.
 pub const DEFAULT_DEDUP_MAX_IDS: usize = 1 << 18;
+/// Default of `--ordered-max-keys`: about 10 MiB of keys per ordered topic at the limit.
+pub const DEFAULT_ORDERED_MAX_KEYS: usize = 100_000;
+/// Default of `--max-unconfirmed-publishes`.
+pub const DEFAULT_MAX_UNCONFIRMED_PUBLISHES: usize = 1 << 16;
 
 /// Command line and environment of `ferry-sidecar`.
 #[derive(Parser, Debug, Clone)]
@@ -78,9 +82,23 @@ pub struct Config {
     /// (`dedupWindow`), and at a high publish rate it would hold millions of ids; past this
     /// many the oldest are forgotten before their time (`ferry_sidecar_dedup_evicted_total`
     /// counts them), which shortens the window rather than growing memory without bound.
-    /// About 150 bytes per id.
+    /// About 150 bytes per id. The same bound holds for the message ids an `ExactlyOnce`
+    /// subscription remembers as acked (`ferry_sidecar_exactly_once_evicted_total`).
     #[arg(long, env = "FERRY_DEDUP_MAX_IDS", default_value_t = DEFAULT_DEDUP_MAX_IDS)]
     pub dedup_max_ids: usize,
+    /// Most keys per ordered topic whose last `key_sequence` is remembered. Past this many
+    /// the least recently published key is forgotten (`ferry_sidecar_ordered_keys_evicted_total`):
+    /// its next number then jumps ahead instead of going up by one, and never goes back.
+    /// About 100 bytes per key.
+    #[arg(long, env = "FERRY_ORDERED_MAX_KEYS", default_value_t = DEFAULT_ORDERED_MAX_KEYS)]
+    pub ordered_max_keys: usize,
+    /// Most `ACK_LEVEL_NONE` publishes accepted and not yet stored. The app hears back
+    /// before the store does; past this many, a publish with that level waits until it is
+    /// stored, like `ACK_LEVEL_STORED` (backpressure, as a Kafka producer with `acks=0`
+    /// blocks once its buffer is full), so that a fast publisher cannot queue without bound
+    /// (`ferry_sidecar_unconfirmed_publishes`, `ferry_sidecar_unconfirmed_publishes_waited_total`).
+    #[arg(long, env = "FERRY_MAX_UNCONFIRMED_PUBLISHES", default_value_t = DEFAULT_MAX_UNCONFIRMED_PUBLISHES)]
+    pub max_unconfirmed_publishes: usize,
     /// A replica takes custody of a producer's `Replicated` copies once the producer has not
     /// answered for this long (it does so at once when the producer's member record leaves
     /// the routing table). Shorter means faster recovery from a lost node and more
@@ -122,6 +140,8 @@ impl Config {
             service_account: "default".into(),
             async_sync_interval: Duration::from_millis(50),
             dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
+            ordered_max_keys: DEFAULT_ORDERED_MAX_KEYS,
+            max_unconfirmed_publishes: DEFAULT_MAX_UNCONFIRMED_PUBLISHES,
             replica_takeover_after: Duration::from_secs(60),
             drain_on_stdin_eof: false,
         }
@@ -136,6 +156,12 @@ impl Config {
                 "must be at least 1 (set a topic's dedupWindow to 0 to turn deduplication off)"
                     .into(),
             );
+        }
+        if self.ordered_max_keys == 0 {
+            return bad("ordered-max-keys", "must be at least 1".into());
+        }
+        if self.max_unconfirmed_publishes == 0 {
+            return bad("max-unconfirmed-publishes", "must be at least 1".into());
         }
         if self.pod_name.trim().is_empty() {
             return bad("pod-name", "must not be empty".into());

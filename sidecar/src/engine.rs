@@ -22,6 +22,7 @@ use crate::replica::replicator::Replicator;
 use crate::store::{StoreOptions, TopicStore};
 
 mod publish;
+mod unconfirmed;
 
 /// Who this sidecar is.
 #[derive(Debug, Clone)]
@@ -58,6 +59,9 @@ pub struct Engine {
     stores: RwLock<HashMap<String, Arc<TopicStore>>>,
     opening: tokio::sync::Mutex<()>,
     draining: AtomicBool,
+    /// `ACK_LEVEL_NONE` publishes answered and not yet stored, one permit each
+    /// (`--max-unconfirmed-publishes`).
+    unconfirmed: Arc<tokio::sync::Semaphore>,
     /// Cancelled when every task must stop (after the drain).
     pub stop: CancellationToken,
 }
@@ -72,7 +76,12 @@ impl Engine {
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
         let delivery = DeliveryManager::default();
-        let peers = PeerPool::new(delivery.registry.clone(), stop.clone());
+        let peers = PeerPool::new(
+            delivery.registry.clone(),
+            stop.clone(),
+            metrics.peer_links.clone(),
+            metrics.peer_links_closed.clone(),
+        );
         let identity = Identity {
             pod: config.pod_name.clone(),
             namespace: config.namespace.clone(),
@@ -83,6 +92,9 @@ impl Engine {
             incarnation: rand::random::<u64>() | 1,
         };
         let replicas = Arc::new(ReplicaLogs::new(config.data_dir.join("replicas")));
+        let unconfirmed = config
+            .max_unconfirmed_publishes
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         replicas.open_existing();
         Arc::new(Self {
             consumer: Consumer::new(
@@ -90,9 +102,14 @@ impl Engine {
                 routing.clone(),
                 metrics.clone(),
                 Some(config.data_dir.clone()),
+                config.dedup_max_ids,
             ),
             replicas,
-            replicator: Arc::new(Replicator::new(identity.incarnation)),
+            replicator: Arc::new(Replicator::new(
+                identity.incarnation,
+                metrics.pending_trims.clone(),
+                metrics.trims_dropped.clone(),
+            )),
             identity,
             config,
             routing,
@@ -102,6 +119,7 @@ impl Engine {
             stores: RwLock::new(HashMap::new()),
             opening: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
+            unconfirmed: Arc::new(tokio::sync::Semaphore::new(unconfirmed)),
             stop,
         })
     }
@@ -148,6 +166,17 @@ impl Engine {
             dedup_evicted: self
                 .metrics
                 .dedup_evicted
+                .get_or_create(&Metrics::topic(topic))
+                .clone(),
+            ordered_max_keys: self.config.ordered_max_keys,
+            ordered_keys: self
+                .metrics
+                .ordered_keys
+                .get_or_create(&Metrics::topic(topic))
+                .clone(),
+            ordered_keys_evicted: self
+                .metrics
+                .ordered_keys_evicted
                 .get_or_create(&Metrics::topic(topic))
                 .clone(),
         };

@@ -89,6 +89,26 @@ pub struct Metrics {
     pub routing_relists: Counter,
     /// Routing-table keys or values skipped because they did not decode.
     pub routing_bad_values: Counter,
+    /// Ordered topics: keys whose last `key_sequence` is remembered (`--ordered-max-keys`).
+    pub ordered_keys: Family<TopicLabels, Gauge>,
+    /// Ordered topics: keys forgotten beyond `--ordered-max-keys`.
+    pub ordered_keys_evicted: Family<TopicLabels, Counter>,
+    /// Open links (streams with their reconnect loop) to other sidecars.
+    pub peer_links: Gauge,
+    /// Links closed because their sidecar left the routing table.
+    pub peer_links_closed: Counter,
+    /// Trims (settled ids) queued for replicas that did not take them yet.
+    pub pending_trims: Gauge,
+    /// Trims dropped: their replica left the routing table, or too many were queued.
+    pub trims_dropped: Counter,
+    /// `ExactlyOnce`: acked message ids remembered per subscription.
+    pub exactly_once_ids: Family<SubLabels, Gauge>,
+    /// `ExactlyOnce`: acked ids forgotten before their window ended (`--dedup-max-ids`).
+    pub exactly_once_evicted: Family<SubLabels, Counter>,
+    /// `ACK_LEVEL_NONE` publishes answered and not yet stored.
+    pub unconfirmed_publishes: Gauge,
+    /// `ACK_LEVEL_NONE` publishes that waited for the store (`--max-unconfirmed-publishes`).
+    pub unconfirmed_publishes_waited: Counter,
 }
 
 impl Default for Metrics {
@@ -126,6 +146,16 @@ impl Metrics {
             routing_revision: Gauge::default(),
             routing_relists: Counter::default(),
             routing_bad_values: Counter::default(),
+            ordered_keys: Family::default(),
+            ordered_keys_evicted: Family::default(),
+            peer_links: Gauge::default(),
+            peer_links_closed: Counter::default(),
+            pending_trims: Gauge::default(),
+            trims_dropped: Counter::default(),
+            exactly_once_ids: Family::default(),
+            exactly_once_evicted: Family::default(),
+            unconfirmed_publishes: Gauge::default(),
+            unconfirmed_publishes_waited: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -240,7 +270,62 @@ impl Metrics {
             "Routing-table entries skipped because they did not decode",
             m.routing_bad_values.clone(),
         );
+        m.register_bounds(&mut registry);
         Self { registry, ..m }
+    }
+
+    /// The sizes of what is bounded on a long-lived sidecar, and what the bounds evicted.
+    fn register_bounds(&self, registry: &mut Registry) {
+        registry.register(
+            "ordered_keys",
+            "Keys of an ordered topic whose last key_sequence is remembered",
+            self.ordered_keys.clone(),
+        );
+        registry.register(
+            "ordered_keys_evicted",
+            "Keys of an ordered topic forgotten beyond --ordered-max-keys",
+            self.ordered_keys_evicted.clone(),
+        );
+        registry.register(
+            "peer_links",
+            "Open links to other sidecars",
+            self.peer_links.clone(),
+        );
+        registry.register(
+            "peer_links_closed",
+            "Links closed because their sidecar left the routing table",
+            self.peer_links_closed.clone(),
+        );
+        registry.register(
+            "pending_trims",
+            "Settled ids queued for replicas that did not take them yet",
+            self.pending_trims.clone(),
+        );
+        registry.register(
+            "trims_dropped",
+            "Settled ids no longer sent: their replica left, or too many were queued",
+            self.trims_dropped.clone(),
+        );
+        registry.register(
+            "exactly_once_ids",
+            "ExactlyOnce acked message ids remembered",
+            self.exactly_once_ids.clone(),
+        );
+        registry.register(
+            "exactly_once_evicted",
+            "ExactlyOnce acked ids forgotten before their window ended (--dedup-max-ids)",
+            self.exactly_once_evicted.clone(),
+        );
+        registry.register(
+            "unconfirmed_publishes",
+            "ACK_LEVEL_NONE publishes answered and not yet stored",
+            self.unconfirmed_publishes.clone(),
+        );
+        registry.register(
+            "unconfirmed_publishes_waited",
+            "ACK_LEVEL_NONE publishes that waited for the store (--max-unconfirmed-publishes)",
+            self.unconfirmed_publishes_waited.clone(),
+        );
     }
 
     /// The Prometheus text exposition of every metric.

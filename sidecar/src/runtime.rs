@@ -150,6 +150,16 @@ impl Sidecar {
                 }),
             ));
         }
+        // Links to sidecars that left the table are closed (and their reconnect loops).
+        tasks.push((
+            "peer link sweep",
+            tokio::spawn(
+                engine
+                    .peers
+                    .clone()
+                    .run_sweep(routing.clone(), stop.clone()),
+            ),
+        ));
         // Replicated topics: trims to the replicas, re-learning custody after a start, and
         // taking over the copies of producers that are gone.
         tasks.push((

@@ -10,7 +10,9 @@
 //! Ids are kept for the topic's `dedupWindow`. At startup each id gets the time it has
 //! left, computed once from its stamp against the wall clock as read at startup, then
 //! counted down on the monotonic clock (`crate::clock`). The file is rewritten with the
-//! live ids once it holds many more expired ones.
+//! live ids once it holds many more expired ones. At most `max` ids are live (the newest;
+//! `--dedup-max-ids`, as in memory: see `acked_ids.rs`), so that neither the file nor the
+//! list of live ids kept for its rewrite grows without bound.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -38,16 +40,18 @@ pub struct AckedJournal {
     window: Duration,
     /// Ids still inside the window, oldest first, for the rewrite.
     live: VecDeque<(Instant, JournalEntry)>,
+    max: usize,
     anchor: Anchor,
 }
 
 impl AckedJournal {
     /// Opens (creating) the journal of `subscription`; returns it and the ids still inside
-    /// `window`, each with the instant it is forgotten.
+    /// `window` (the newest `max` of them), each with the instant it is forgotten.
     pub fn open(
         data_dir: &Path,
         subscription: &str,
         window: Duration,
+        max: usize,
     ) -> Result<(Self, Vec<(String, Instant)>), JournalError> {
         let path = path(data_dir, subscription);
         if let Some(dir) = path.parent()
@@ -60,13 +64,15 @@ impl AckedJournal {
             journal,
             window,
             live: VecDeque::new(),
+            max: max.max(1),
             anchor: crate::clock::anchor(),
         };
         let now = Instant::now();
         let mut seeded = Vec::new();
         let mut entries = entries;
         entries.sort_by_key(|e| e.time_ms);
-        for e in entries {
+        let skip = entries.len().saturating_sub(j.max);
+        for e in entries.into_iter().skip(skip) {
             let until = j.until(e.time_ms, now);
             if until > now {
                 seeded.push((e.id.clone(), until));
@@ -98,7 +104,9 @@ impl AckedJournal {
         };
         self.journal.append(&entry);
         self.live.push_back((now + self.window, entry));
-        while self.live.front().is_some_and(|(until, _)| *until <= now) {
+        while self.live.len() > self.max
+            || self.live.front().is_some_and(|(until, _)| *until <= now)
+        {
             self.live.pop_front();
         }
         if self.journal.wants_rewrite(self.live.len()) {
@@ -117,13 +125,13 @@ mod tests {
     fn acked_ids_survive_reopening_within_the_window() {
         let dir = tempfile::tempdir().unwrap();
         let window = Duration::from_secs(60);
-        let (mut j, none) = AckedJournal::open(dir.path(), "ns/sub", window).unwrap();
+        let (mut j, none) = AckedJournal::open(dir.path(), "ns/sub", window, 10).unwrap();
         assert!(none.is_empty());
         let now = Instant::now();
         j.record("m1", now).unwrap();
         j.record("m2", now).unwrap();
         drop(j);
-        let (_, ids) = AckedJournal::open(dir.path(), "ns/sub", window).unwrap();
+        let (_, ids) = AckedJournal::open(dir.path(), "ns/sub", window, 10).unwrap();
         let names: Vec<&str> = ids.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(names, ["m1", "m2"]);
         assert!(
@@ -131,5 +139,21 @@ mod tests {
                 .all(|(_, until)| *until <= Instant::now() + window)
         );
         assert!(path(dir.path(), "ns/sub").ends_with("consumer/ns/sub/acked.ids"));
+    }
+
+    #[test]
+    fn at_most_the_newest_max_ids_are_kept_and_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let window = Duration::from_secs(60);
+        let (mut j, _) = AckedJournal::open(dir.path(), "ns/sub", window, 3).unwrap();
+        let now = Instant::now();
+        for i in 0..200 {
+            j.record(&format!("m{i}"), now).unwrap();
+            assert!(j.live.len() <= 3);
+        }
+        drop(j);
+        let (_, ids) = AckedJournal::open(dir.path(), "ns/sub", window, 3).unwrap();
+        let names: Vec<&str> = ids.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(names, ["m197", "m198", "m199"]);
     }
 }

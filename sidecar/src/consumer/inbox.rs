@@ -13,9 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_api::proto::v1::{Delivery, DeliveryState, Outcome};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 
 use super::acked::{AckedOrigins, Origin};
+use super::acked_ids::AckedIds;
 pub use super::held::{Arrival, Finish, Reply};
 use super::held::{Held, HeldState, Name, Twin, settled};
 use crate::log::Offset;
@@ -47,8 +50,8 @@ pub struct InboxState {
     finished_order: VecDeque<u64>,
     /// Acked (producer, offset) pairs, to answer repeats and `QueryDelivery`.
     acked_origins: AckedOrigins,
-    /// ExactlyOnce: message ids the app acked, with when they are forgotten.
-    acked_ids: HashMap<String, Instant>,
+    /// ExactlyOnce: message ids the app acked, with when they are forgotten (bounded).
+    acked_ids: AckedIds,
     /// ExactlyOnce: the held delivery of each message id, for linking other origins' copies.
     held_ids: HashMap<String, u64>,
     pub exactly_once_window: Option<Duration>,
@@ -122,8 +125,7 @@ impl InboxState {
     /// Takes deliveries in; returns immediate answers (ExactlyOnce repeats).
     pub fn accept(&mut self, arrivals: Vec<Arrival>, now: Instant, out: &mut Vec<Reply>) {
         for a in arrivals {
-            if self.exactly_once_window.is_some()
-                && self.acked_ids.contains_key(&a.delivery.message_id)
+            if self.exactly_once_window.is_some() && self.acked_ids.contains(&a.delivery.message_id)
             {
                 let settled = settled(
                     &self.subscription,
@@ -289,7 +291,19 @@ impl InboxState {
 
     /// Remembers ids the app acked before a restart (ExactlyOnce), each until its instant.
     pub fn seed_acked(&mut self, ids: Vec<(String, Instant)>) {
-        self.acked_ids.extend(ids);
+        for (id, until) in ids {
+            self.acked_ids.insert(&id, until);
+        }
+    }
+
+    /// `namespace/name` of the subscription.
+    pub fn subscription(&self) -> &str {
+        &self.subscription
+    }
+
+    /// Bounds the ExactlyOnce acked ids (see `acked_ids.rs`).
+    pub fn limit_acked_ids(&mut self, max: usize, size: Gauge, evicted: Counter) {
+        self.acked_ids.limit(max, size, evicted);
     }
 
     /// Deliveries handed out since the last call.
@@ -389,7 +403,7 @@ impl InboxState {
                         }
                         self.reply(&h, Outcome::Acked, 0, "", out);
                         if let Some(w) = self.exactly_once_window {
-                            self.acked_ids.insert(h.message_id.clone(), now + w);
+                            self.acked_ids.insert(&h.message_id, now + w);
                             return Ok(Some(h.message_id));
                         }
                     }
@@ -494,7 +508,7 @@ impl InboxState {
             }
         }
         self.acked_origins.expire(now);
-        self.acked_ids.retain(|_, until| now < *until);
+        self.acked_ids.expire(now);
     }
 
     /// Returns every held delivery to its producer (shutdown, subscription gone).

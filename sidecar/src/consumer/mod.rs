@@ -17,6 +17,7 @@
 //! callback for in-process delivery), never while the lock is held.
 
 pub mod acked;
+pub mod acked_ids;
 pub mod acked_journal;
 mod held;
 pub mod ids;
@@ -102,6 +103,8 @@ pub struct Consumer {
     next_session: AtomicU64,
     /// Where ExactlyOnce acked ids are kept; `None` keeps them in memory only.
     data_dir: Option<PathBuf>,
+    /// Most ExactlyOnce acked ids remembered per subscription (`--dedup-max-ids`).
+    acked_ids_max: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -117,9 +120,11 @@ impl Consumer {
         routing: watch::Receiver<Arc<RoutingTable>>,
         metrics: Arc<Metrics>,
         data_dir: Option<PathBuf>,
+        acked_ids_max: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             data_dir,
+            acked_ids_max,
             pod,
             ids: DeliveryIds::new(),
             inboxes: RwLock::new(Inboxes::default()),
@@ -147,7 +152,11 @@ impl Consumer {
             .ok()
             .and_then(|i| i.by_name.get(subscription).cloned())
         {
-            lock(&inbox.state).exactly_once_window = window;
+            {
+                let mut state = lock(&inbox.state);
+                state.exactly_once_window = window;
+                self.limit_acked_ids(&mut state, &inbox.topic, window);
+            }
             self.open_acked_journal(&inbox, window);
             return Ok(inbox);
         }
@@ -161,6 +170,7 @@ impl Consumer {
         let name: Arc<str> = subscription.into();
         let mut state = InboxState::new(name.clone());
         state.exactly_once_window = window;
+        self.limit_acked_ids(&mut state, &resolved.subscription.topic, window);
         let inbox = Arc::new(Inbox {
             index: u32::try_from(all.by_index.len())
                 .map_err(|_| Error::Internal("too many inboxes".into()))?,
@@ -176,6 +186,22 @@ impl Consumer {
         Ok(inbox)
     }
 
+    /// ExactlyOnce: bounds the inbox's acked ids, with their metrics.
+    fn limit_acked_ids(&self, state: &mut InboxState, topic: &str, window: Option<Duration>) {
+        if window.is_none() {
+            return;
+        }
+        let labels = Metrics::sub(topic, state.subscription());
+        state.limit_acked_ids(
+            self.acked_ids_max,
+            self.metrics.exactly_once_ids.get_or_create(&labels).clone(),
+            self.metrics
+                .exactly_once_evicted
+                .get_or_create(&labels)
+                .clone(),
+        );
+    }
+
     /// ExactlyOnce: opens the inbox's acked-id journal once and re-seeds the inbox from it.
     fn open_acked_journal(&self, inbox: &Inbox, window: Option<Duration>) {
         let (Some(window), Some(data_dir)) = (window, &self.data_dir) else {
@@ -185,7 +211,7 @@ impl Consumer {
         if journal.is_some() {
             return;
         }
-        match AckedJournal::open(data_dir, &inbox.subscription, window) {
+        match AckedJournal::open(data_dir, &inbox.subscription, window, self.acked_ids_max) {
             Ok((j, ids)) => {
                 lock(&inbox.state).seed_acked(ids);
                 *journal = Some(j);

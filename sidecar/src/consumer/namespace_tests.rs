@@ -36,7 +36,7 @@ fn table(allowed: &[&str]) -> RoutingTable {
 
 fn consumer(table: RoutingTable) -> Arc<Consumer> {
     let (_tx, rx) = watch::channel(Arc::new(table));
-    Consumer::new("p".into(), rx, Arc::new(Metrics::new()), None)
+    Consumer::new("p".into(), rx, Arc::new(Metrics::new()), None, 1 << 10)
 }
 
 #[test]

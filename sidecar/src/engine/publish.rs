@@ -192,26 +192,25 @@ impl Engine {
         }
         for (topic, reply, meta, replicated) in waits {
             let all_none = meta.iter().all(|m| m.2 == AckLevel::None);
-            if all_none {
-                if let Some((entry, copies)) = replicated {
-                    let engine = self.clone();
-                    tokio::spawn(async move {
-                        let copies: Vec<StoredMessage> = copies;
-                        if let Err(e) = engine.replicator.replicate(&engine, &entry, &copies).await
-                        {
-                            tracing::warn!(error = %e, "copies of unacknowledged publishes not made");
-                        }
-                    });
+            let permit = if all_none {
+                self.unconfirmed_permit(meta.len())
+            } else {
+                None
+            };
+            let (reply, replicated) = match permit {
+                None => (reply, replicated),
+                Some(permit) => {
+                    self.finish_unconfirmed(&topic, reply, replicated, permit);
+                    for (i, id, ..) in meta {
+                        results[i] = Some(Ok(PublishResponse {
+                            message_id: id,
+                            offset: 0,
+                            duplicate: false,
+                        }));
+                    }
+                    continue;
                 }
-                for (i, id, ..) in meta {
-                    results[i] = Some(Ok(PublishResponse {
-                        message_id: id,
-                        offset: 0,
-                        duplicate: false,
-                    }));
-                }
-                continue;
-            }
+            };
             let outcome = reply
                 .await
                 .unwrap_or_else(|_| Err(Error::Internal(format!("store of {topic} stopped"))));

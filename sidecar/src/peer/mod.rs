@@ -6,24 +6,33 @@
 //! A peer that cannot be reached is marked not live (dispatchers then prefer others, which
 //! is how `PreferSameZone` spills over) and every delivery queued for it is handed back as
 //! `SendFailed` at once instead of waiting for an ack timeout.
+//!
+//! Links to sidecars that left the routing table are closed (`departed.rs`), so that a
+//! long-lived sidecar with pods coming and going keeps no link and reconnect loop per pod
+//! it ever talked to.
 
+mod departed;
 pub mod server;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_api::proto::v1::peer_client::PeerClient;
 use ferry_api::proto::v1::{
     Deliver, DeliveryState, ForwardRequest, ForwardResponse, QueryDeliveryRequest,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::delivery::{Event, Registry};
+
+pub use departed::{LINK_IDLE, SWEEP_EVERY};
 
 /// Largest peer gRPC message: a batch, or one maximal message with its envelope.
 pub const PEER_MAX_MESSAGE: usize = 16 << 20;
@@ -43,6 +52,28 @@ struct Link {
     tx: mpsc::UnboundedSender<Vec<Deliver>>,
     live: AtomicBool,
     channel: Channel,
+    /// Deliveries written to the current stream whose settlement has not come back (reset
+    /// when the stream breaks: their settlements cannot come back on another one).
+    in_flight: AtomicU64,
+    /// When the link was last asked for, in ms since the pool started: a send, a unary
+    /// client or a query.
+    last_used_ms: AtomicU64,
+    /// Cancelled when the link is closed; its task then hands back what is queued.
+    closed: CancellationToken,
+}
+
+impl Link {
+    fn sent(&self, n: usize) {
+        self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn settled(&self, n: usize) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n as u64))
+            });
+    }
 }
 
 /// Connections to other sidecars, by peer address.
@@ -52,22 +83,44 @@ pub struct PeerPool {
     registry: Arc<Registry>,
     liveness: watch::Sender<u64>,
     cancel: CancellationToken,
+    /// The pool's clock for `Link::last_used_ms`.
+    started: Instant,
+    /// Open links (`ferry_sidecar_peer_links`).
+    open_links: Gauge,
+    /// Links closed because their sidecar left (`ferry_sidecar_peer_links_closed_total`).
+    closed_links: Counter,
 }
 
 impl PeerPool {
-    /// A pool that routes settlements to `registry` and stops at `cancel`.
-    pub fn new(registry: Arc<Registry>, cancel: CancellationToken) -> Arc<Self> {
+    /// A pool that routes settlements to `registry` and stops at `cancel`; `open_links`
+    /// follows how many links are open, `closed_links` counts those closed because their
+    /// sidecar left the routing table.
+    pub fn new(
+        registry: Arc<Registry>,
+        cancel: CancellationToken,
+        open_links: Gauge,
+        closed_links: Counter,
+    ) -> Arc<Self> {
         Arc::new(Self {
             links: Mutex::new(HashMap::new()),
             registry,
             liveness: watch::Sender::new(0),
             cancel,
+            started: Instant::now(),
+            open_links,
+            closed_links,
         })
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn link(&self, addr: &str) -> Option<Arc<Link>> {
+        let now = self.now_ms();
         let mut links = self.links.lock().ok()?;
         if let Some(l) = links.get(addr) {
+            l.last_used_ms.store(now, Ordering::Relaxed);
             return Some(l.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
@@ -86,14 +139,17 @@ impl PeerPool {
             tx,
             live: AtomicBool::new(true),
             channel: endpoint.connect_lazy(),
+            in_flight: AtomicU64::new(0),
+            last_used_ms: AtomicU64::new(now),
+            closed: self.cancel.child_token(),
         });
         links.insert(link.addr.clone(), link.clone());
+        self.open_links.set(links.len() as i64);
         tokio::spawn(run_link(
             link.clone(),
             rx,
             self.registry.clone(),
             self.liveness.clone(),
-            self.cancel.clone(),
         ));
         Some(link)
     }
@@ -176,7 +232,9 @@ fn fail(registry: &Registry, addr: &Arc<str>, batch: Vec<Deliver>, reason: &str)
     );
 }
 
-fn route_settled(registry: &Registry, addr: &Arc<str>, r: ForwardResponse) {
+fn route_settled(registry: &Registry, link: &Link, r: ForwardResponse) {
+    link.settled(r.settled.len());
+    let addr = &link.addr;
     registry.route_many(
         r.settled
             .into_iter()
@@ -245,12 +303,31 @@ fn coalesce(
     out
 }
 
+/// Hands back every batch still queued on a closed link.
+fn close_queue(link: &Link, rx: &mut mpsc::UnboundedReceiver<Vec<Deliver>>, registry: &Registry) {
+    rx.close();
+    while let Ok(b) = rx.try_recv() {
+        fail(registry, &link.addr, b, "peer left the routing table");
+    }
+}
+
 async fn run_link(
     link: Arc<Link>,
     mut rx: mpsc::UnboundedReceiver<Vec<Deliver>>,
     registry: Arc<Registry>,
     liveness: watch::Sender<u64>,
-    cancel: CancellationToken,
+) {
+    let cancel = link.closed.clone();
+    run_streams(&link, &mut rx, &registry, &liveness, &cancel).await;
+    close_queue(&link, &mut rx, &registry);
+}
+
+async fn run_streams(
+    link: &Arc<Link>,
+    rx: &mut mpsc::UnboundedReceiver<Vec<Deliver>>,
+    registry: &Registry,
+    liveness: &watch::Sender<u64>,
+    cancel: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -265,7 +342,7 @@ async fn run_link(
         let mut inbound = match opened {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                set_live(&link, &liveness, false);
+                set_live(link, liveness, false);
                 tracing::debug!(peer = %link.addr, %status, "cannot open forward stream");
                 let until = tokio::time::Instant::now() + backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -273,7 +350,7 @@ async fn run_link(
                     tokio::select! {
                         _ = tokio::time::sleep_until(until) => break,
                         b = rx.recv() => match b {
-                            Some(b) => fail(&registry, &link.addr, b, "peer unreachable"),
+                            Some(b) => fail(registry, &link.addr, b, "peer unreachable"),
                             None => return,
                         },
                         _ = cancel.cancelled() => return,
@@ -282,20 +359,23 @@ async fn run_link(
                 continue;
             }
         };
-        set_live(&link, &liveness, true);
+        set_live(link, liveness, true);
         backoff = Duration::from_millis(100);
         loop {
             tokio::select! {
                 b = rx.recv() => {
                     let Some(b) = b else { return };
-                    for req in coalesce(b, &mut rx) {
+                    for req in coalesce(b, rx) {
+                        let n = req.deliveries.len();
+                        link.sent(n);
                         if let Err(mpsc::error::SendError(req)) = req_tx.send(req).await {
-                            fail(&registry, &link.addr, req.deliveries, "forward stream closed");
+                            link.settled(n);
+                            fail(registry, &link.addr, req.deliveries, "forward stream closed");
                         }
                     }
                 }
                 m = inbound.message() => match m {
-                    Ok(Some(r)) => route_settled(&registry, &link.addr, r),
+                    Ok(Some(r)) => route_settled(registry, link, r),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::info!(peer = %link.addr, %status, "forward stream ended");
@@ -305,6 +385,8 @@ async fn run_link(
                 _ = cancel.cancelled() => return,
             }
         }
+        // What was written to the broken stream is settled through timeouts and queries.
+        link.in_flight.store(0, Ordering::Relaxed);
     }
 }
 

@@ -10,6 +10,8 @@ use ferry_api::crd::Durability;
 use ferry_api::proto::v1::peer_client::PeerClient;
 use ferry_api::proto::v1::{HeldRequest, PeerMessage, ReplicateRequest};
 use ferry_api::routing::TopicEntry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +32,15 @@ pub const TRIM_EVERY: Duration = Duration::from_millis(200);
 /// A replica that did not answer is tried after the others for this long.
 const SUSPECT_FOR: Duration = Duration::from_secs(5);
 /// Trims kept per replica and topic while it does not answer; older ones are forgotten
-/// (the copies they name may then be delivered again by a takeover: duplicates only).
+/// (the copies they name may then be delivered again by a takeover: duplicates only). The
+/// queues of a replica whose member records left the routing table are dropped whole once
+/// it has been gone for [`DEPARTED_GRACE`], with what this process knows it holds
+/// (`forget_departed`): a deleted pod's copies are gone with it, and should it come back on
+/// the same data, the same holds as above (duplicates only). A readiness flap shorter than
+/// the grace keeps its trims.
 const MAX_PENDING_TRIMS: usize = 1 << 20;
+/// How long a replica must have been out of the routing table before its trims are dropped.
+pub const DEPARTED_GRACE: Duration = Duration::from_secs(10);
 /// Payload bytes of copies per `Replicate` request.
 const CHUNK_BYTES: usize = 4 << 20;
 /// Longest wait for the last trims when the sidecar stops.
@@ -53,12 +62,22 @@ pub struct Replicator {
     pending: Mutex<HashMap<(String, String), Vec<String>>>,
     /// Replicas that failed to answer, and when.
     suspect: Mutex<HashMap<String, Instant>>,
+    /// Replicas with queued trims or holder records that are out of the table, since when.
+    departed: Mutex<HashMap<String, Instant>>,
+    /// Trims queued in `pending` (`ferry_sidecar_pending_trims`).
+    pending_trims: Gauge,
+    /// Trims dropped (`ferry_sidecar_trims_dropped_total`).
+    trims_dropped: Counter,
 }
 
 impl Default for Replicator {
     /// A replicator with a fresh random incarnation (never 0).
     fn default() -> Self {
-        Self::new(rand::random::<u64>() | 1)
+        Self::new(
+            rand::random::<u64>() | 1,
+            Gauge::default(),
+            Counter::default(),
+        )
     }
 }
 
@@ -85,8 +104,9 @@ fn chunks(messages: &[StoredMessage]) -> Vec<Vec<PeerMessage>> {
 }
 
 impl Replicator {
-    /// A replicator sending under `incarnation`, the sidecar's (`Identity::incarnation`).
-    pub fn new(incarnation: u64) -> Self {
+    /// A replicator sending under `incarnation`, the sidecar's (`Identity::incarnation`);
+    /// `pending_trims` follows the trims queued, `trims_dropped` counts those forgotten.
+    pub fn new(incarnation: u64, pending_trims: Gauge, trims_dropped: Counter) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Self {
             incarnation,
@@ -95,6 +115,9 @@ impl Replicator {
             holders: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             suspect: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashMap::new()),
+            pending_trims,
+            trims_dropped,
         }
     }
 
@@ -241,11 +264,19 @@ impl Replicator {
             let q = p.entry((addr.to_owned(), topic.to_owned())).or_default();
             ids.append(q);
             if ids.len() > MAX_PENDING_TRIMS {
-                tracing::warn!(peer = %addr, %topic, forgotten = ids.len() - MAX_PENDING_TRIMS, "replica unreachable for long: forgetting trims");
+                let forgotten = ids.len() - MAX_PENDING_TRIMS;
+                tracing::warn!(peer = %addr, %topic, forgotten, "replica unreachable for long: forgetting trims");
+                self.trims_dropped.inc_by(forgotten as u64);
                 ids.truncate(MAX_PENDING_TRIMS);
             }
             *q = ids;
         });
+        self.count_pending();
+    }
+
+    fn count_pending(&self) {
+        let n = with(&self.pending, |p| p.values().map(Vec::len).sum::<usize>()).unwrap_or(0);
+        self.pending_trims.set(n as i64);
     }
 
     /// Queues trims of `ids` for every replica that may hold copies of `topic`: those this
@@ -276,6 +307,7 @@ impl Replicator {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        self.count_pending();
         let sends = pending.into_iter().map(|((addr, topic), ids)| async move {
             let request = ReplicateRequest {
                 producer: engine.identity.producer_id.to_string(),
@@ -306,6 +338,7 @@ impl Replicator {
             while let Ok((topic, ids)) = rx.try_recv() {
                 self.queue_trims(&engine, &topic, ids);
             }
+            self.forget_departed(&engine.table());
             if !stopping {
                 self.flush_trims(&engine).await;
                 continue;
@@ -428,3 +461,9 @@ impl Replicator {
         Ok(())
     }
 }
+
+#[path = "replicator_departed.rs"]
+mod departed;
+#[cfg(test)]
+#[path = "replicator_tests.rs"]
+mod tests;

@@ -16,6 +16,7 @@
 
 pub mod dedup;
 pub mod dedup_journal;
+pub mod key_sequences;
 mod settled_index;
 mod tail;
 #[cfg(test)]
@@ -27,12 +28,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::Duration;
 
-use ferry_api::crd::Durability;
+use ferry_api::crd::{Durability, Ordering};
 use ferry_api::routing::TopicEntry;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{oneshot, watch};
 
 use self::dedup::DedupWindow;
+use self::key_sequences::KeySequences;
 use crate::error::Error;
 use crate::log::{
     DiskLog, DiskLogConfig, Log, MemoryLog, MemoryRetention, Offset, Settlement, StoredMessage,
@@ -140,6 +143,25 @@ pub struct StoreOptions {
     pub dedup_max_ids: usize,
     /// Counts ids forgotten before their window ended (`ferry_sidecar_dedup_evicted_total`).
     pub dedup_evicted: Counter,
+    /// Ordered topics: most keys whose last sequence number is remembered
+    /// (`--ordered-max-keys`).
+    pub ordered_max_keys: usize,
+    /// Keys remembered (`ferry_sidecar_ordered_keys`).
+    pub ordered_keys: Gauge,
+    /// Keys forgotten beyond the bound (`ferry_sidecar_ordered_keys_evicted_total`).
+    pub ordered_keys_evicted: Counter,
+}
+
+impl StoreOptions {
+    fn sequences_in_memory(&self, entry: &TopicEntry) -> Option<KeySequences> {
+        (entry.ordering == Ordering::Key).then(|| {
+            KeySequences::in_memory(
+                self.ordered_max_keys,
+                self.ordered_keys.clone(),
+                self.ordered_keys_evicted.clone(),
+            )
+        })
+    }
 }
 
 /// Handle to one topic's store thread. Cheap to share (`Arc`).
@@ -168,6 +190,27 @@ impl TopicStore {
         let topic = ferry_api::routing::object_ref(&entry.namespace, &entry.name);
         let window = Duration::from_millis(entry.dedup_window_ms);
         let mut dedup = DedupWindow::new(window);
+        let dir = data_dir
+            .join("topics")
+            .join(&entry.namespace)
+            .join(&entry.name);
+        // Kept for `Memory` topics too: their messages do not survive a restart, the
+        // promise that a key's numbers only go up does.
+        let sequences = if entry.ordering == Ordering::Key {
+            let s = KeySequences::open(
+                &dir,
+                options.ordered_max_keys,
+                options.ordered_keys.clone(),
+                options.ordered_keys_evicted.clone(),
+            )
+            .map_err(|e| Error::Io {
+                what: format!("opening the key sequence mark of {topic}"),
+                source: std::io::Error::other(e),
+            })?;
+            Some(s)
+        } else {
+            None
+        };
         let log: Box<dyn Log> = match entry.durability {
             Durability::Memory => {
                 Box::new(MemoryLog::with_retention(MemoryRetention::DropOldest {
@@ -175,10 +218,6 @@ impl TopicStore {
                 }))
             }
             Durability::Disk | Durability::DiskAsync | Durability::Replicated => {
-                let dir = data_dir
-                    .join("topics")
-                    .join(&entry.namespace)
-                    .join(&entry.name);
                 let config = DiskLogConfig {
                     // Checked per publish request by the store thread, so that one
                     // publisher's refusal does not fail the others of the same round.
@@ -196,7 +235,7 @@ impl TopicStore {
             }
         };
         let dedup = dedup.limit(options.dedup_max_ids, options.dedup_evicted.clone());
-        Self::start_with_dedup(entry, log, dedup, options)
+        Self::start_with_dedup(entry, log, dedup, sequences, options)
     }
 
     /// Starts a store thread around an already open log, with an in-memory dedup window.
@@ -207,14 +246,17 @@ impl TopicStore {
     ) -> Result<Arc<Self>, Error> {
         let dedup = DedupWindow::new(Duration::from_millis(entry.dedup_window_ms))
             .limit(options.dedup_max_ids, options.dedup_evicted.clone());
-        Self::start_with_dedup(entry, log, dedup, options)
+        let sequences = options.sequences_in_memory(entry);
+        Self::start_with_dedup(entry, log, dedup, sequences, options)
     }
 
-    /// Starts a store thread around an already open log and its dedup window.
+    /// Starts a store thread around an already open log, its dedup window and (ordered
+    /// topics) its key numbering.
     pub fn start_with_dedup(
         entry: &TopicEntry,
         log: Box<dyn Log>,
         dedup: DedupWindow,
+        sequences: Option<KeySequences>,
         options: &StoreOptions,
     ) -> Result<Arc<Self>, Error> {
         let topic = ferry_api::routing::object_ref(&entry.namespace, &entry.name);
@@ -222,7 +264,15 @@ impl TopicStore {
         let stats = Arc::new(StoreStats::default());
         let recovered = log.written();
         let (written_tx, written) = watch::channel(recovered);
-        let state = thread::StoreThread::new(entry, log, dedup, options, stats.clone(), written_tx);
+        let state = thread::StoreThread::new(
+            entry,
+            log,
+            dedup,
+            sequences,
+            options,
+            stats.clone(),
+            written_tx,
+        );
         let handle = std::thread::Builder::new()
             .name(format!("store-{}", entry.name))
             .spawn(move || state.run(rx))

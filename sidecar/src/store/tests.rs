@@ -23,6 +23,9 @@ fn opts() -> StoreOptions {
         fsyncs: Default::default(),
         dedup_max_ids: 1 << 10,
         dedup_evicted: Default::default(),
+        ordered_max_keys: 1 << 10,
+        ordered_keys: Default::default(),
+        ordered_keys_evicted: Default::default(),
     }
 }
 
@@ -153,7 +156,8 @@ async fn unsettled_records_and_settlements_survive_a_restart() {
 async fn ordered_topics_number_messages_per_key() {
     let mut e = entry(Durability::Memory);
     e.ordering = Ordering::Key;
-    let s = TopicStore::open(&e, std::path::Path::new("/nonexistent"), &opts()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = TopicStore::open(&e, dir.path(), &opts()).unwrap();
     let mut m = Vec::new();
     for (i, k) in ["a", "b", "a", "a"].iter().enumerate() {
         let mut x = msg(i as u64);

@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use ferry_api::crd::{Durability, Ordering};
+use ferry_api::crd::Durability;
 use ferry_api::routing::TopicEntry;
 use tokio::sync::{oneshot, watch};
 
 use super::dedup::DedupWindow;
+use super::key_sequences::KeySequences;
 use super::settled_index::SettledIndex;
 use super::tail::Tail;
 use super::{Command, StoreOptions, StoreStats};
@@ -31,11 +32,11 @@ pub(super) struct StoreThread {
     topic: String,
     log: Box<dyn Log>,
     durability: Durability,
-    ordered: bool,
     max_backlog: u64,
     sync_interval: Duration,
     dedup: DedupWindow,
-    key_sequences: HashMap<String, u64>,
+    /// Ordered topics: the per-key numbering (see `key_sequences.rs`).
+    key_sequences: Option<KeySequences>,
     subscriptions: Vec<String>,
     delivered_waiters: HashMap<Offset, Vec<oneshot::Sender<()>>>,
     stats: Arc<StoreStats>,
@@ -56,6 +57,7 @@ impl StoreThread {
         entry: &TopicEntry,
         log: Box<dyn Log>,
         dedup: DedupWindow,
+        key_sequences: Option<KeySequences>,
         options: &StoreOptions,
         stats: Arc<StoreStats>,
         written_tx: watch::Sender<Offset>,
@@ -63,11 +65,10 @@ impl StoreThread {
         let mut s = Self {
             topic: ferry_api::routing::object_ref(&entry.namespace, &entry.name),
             durability: entry.durability,
-            ordered: entry.ordering == Ordering::Key,
             max_backlog: entry.retention_max_bytes,
             sync_interval: options.async_sync_interval.max(Duration::from_millis(1)),
             dedup,
-            key_sequences: HashMap::new(),
+            key_sequences,
             subscriptions: Vec::new(),
             delivered_waiters: HashMap::new(),
             log,
@@ -81,32 +82,8 @@ impl StoreThread {
             settled_index: None,
         };
         s.settled_index = SettledIndex::for_topic(entry, s.log.as_ref(), options);
-        if s.ordered {
-            s.rebuild_key_sequences();
-        }
         s.publish_stats();
         s
-    }
-
-    /// Ordered topics number messages per key; after a restart numbering continues from the
-    /// highest sequence still in the log.
-    fn rebuild_key_sequences(&mut self) {
-        let mut from = self.log.first();
-        while from < self.log.written() {
-            let Ok(batch) = self.log.read(from, 1024) else {
-                return;
-            };
-            let Some((last, _)) = batch.last() else {
-                return;
-            };
-            from = last + 1;
-            for (_, m) in batch {
-                if let Some(k) = m.key {
-                    let seq = self.key_sequences.entry(k).or_default();
-                    *seq = (*seq).max(m.key_sequence);
-                }
-            }
-        }
     }
 
     pub(super) fn run(mut self, rx: Receiver<Command>) {

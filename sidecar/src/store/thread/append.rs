@@ -34,6 +34,7 @@ impl StoreThread {
         let dedup = self.dedup.enabled();
         let mut round_ids: HashMap<String, Offset> = HashMap::new();
         let mut round_keys: HashMap<String, u64> = HashMap::new();
+        let mut highest_key_sequence = 0;
         let mut accepted = Vec::new();
         let mut out = Vec::new();
         for (items, reply) in requests {
@@ -70,16 +71,16 @@ impl StoreThread {
                     round_ids.insert(id.clone(), offset);
                 }
                 let mut message = item.message;
-                if self.ordered
+                if let Some(sequences) = &self.key_sequences
                     && let Some(k) = &message.key
                 {
                     let seq = round_keys
                         .get(k)
                         .copied()
-                        .or_else(|| self.key_sequences.get(k).copied())
-                        .unwrap_or(0)
+                        .unwrap_or_else(|| sequences.last(k))
                         + 1;
                     round_keys.insert(k.clone(), seq);
+                    highest_key_sequence = highest_key_sequence.max(seq);
                     message.key_sequence = seq;
                 }
                 batch.push(message);
@@ -96,6 +97,17 @@ impl StoreThread {
             }
             return out;
         }
+        // The numbers must be known used before a restart could hand them out again.
+        if let Some(sequences) = &mut self.key_sequences
+            && let Err(e) = sequences.reserve(highest_key_sequence)
+        {
+            tracing::error!(topic = %self.topic, error = %e, "keeping the key sequence mark failed");
+            for (reply, _, _) in accepted {
+                let err = Error::Internal(format!("topic {}: {e}", self.topic));
+                out.push((reply, Err(err), Vec::new()));
+            }
+            return out;
+        }
         match self.log.append(&batch) {
             Ok(range) if range.start == base => {
                 self.dirty = true;
@@ -109,7 +121,9 @@ impl StoreThread {
                     self.dedup.insert(id, offset, now);
                 }
                 self.dedup.flush();
-                self.key_sequences.extend(round_keys);
+                if let Some(sequences) = &mut self.key_sequences {
+                    sequences.commit(round_keys);
+                }
                 for (reply, outcomes, waiters) in accepted {
                     out.push((reply, Ok(outcomes), waiters));
                 }
