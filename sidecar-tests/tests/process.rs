@@ -16,6 +16,7 @@ mod process {
     pub mod dev_signals;
     pub mod disk_full;
     pub mod durable_app;
+    pub mod durable_only;
     pub mod exactly_once_restart;
     pub mod exactly_once_takeover;
     pub mod grpcurl;
