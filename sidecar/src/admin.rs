@@ -1,5 +1,6 @@
 //! The admin port: `/metrics` (Prometheus text), `/healthz` (the process serves) and
-//! `/readyz` (listeners bound, routing table loaded, not draining).
+//! `/readyz` (listeners bound, routing table loaded, not draining, no topic log poisoned
+//! by a failed fsync).
 //!
 //! With the etcd routing source, `/readyz` adds a line about etcd and stays ready during
 //! an etcd outage once a table was loaded (see [`SourceStatus::readiness`] for why).
@@ -82,6 +83,11 @@ pub fn refresh_gauges(engine: &Engine) {
             .backlog_bytes
             .get_or_create(&labels)
             .set(backlog);
+        engine
+            .metrics
+            .log_poisoned
+            .get_or_create(&labels)
+            .set(i64::from(store.stats.poisoned()));
         let dropped = store.stats.dropped.load(AtomicOrdering::Relaxed);
         let sub = Metrics::sub(&store.topic, "");
         let counter = engine.metrics.dropped.get_or_create(&sub).clone();
@@ -110,11 +116,31 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     )
 }
 
+/// Why the sidecar is not ready when a topic's log is poisoned: it takes no publish and
+/// cannot read that topic's backlog, so the pod should leave the groups' members and its
+/// operator should look at the disk and restart it.
+fn poisoned_logs(engine: &Engine) -> Option<String> {
+    let topics: Vec<String> = engine
+        .open_stores()
+        .into_iter()
+        .filter(|s| s.stats.poisoned())
+        .map(|s| s.topic.clone())
+        .collect();
+    (!topics.is_empty()).then(|| {
+        format!(
+            "log poisoned by a failed fsync: {}\ncheck the disk (dmesg, free space), then restart the sidecar to recover its backlog\n",
+            topics.join(", ")
+        )
+    })
+}
+
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     if !s.ready.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned())
     } else if s.engine.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned())
+    } else if let Some(why) = poisoned_logs(&s.engine) {
+        (StatusCode::SERVICE_UNAVAILABLE, why)
     } else if let Some(routing) = &s.routing {
         match routing.readiness() {
             (true, why) => (StatusCode::OK, format!("ready\n{why}\n")),

@@ -22,6 +22,7 @@ use crate::replica::replicator::Replicator;
 use crate::store::{StoreOptions, TopicStore};
 
 mod publish;
+mod stored;
 mod unconfirmed;
 
 /// Who this sidecar is.

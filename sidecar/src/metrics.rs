@@ -64,6 +64,8 @@ pub struct Metrics {
     pub expired: Family<SubLabels, Counter>,
     /// Bytes not yet settled by every subscription, per topic.
     pub backlog_bytes: Family<TopicLabels, Gauge>,
+    /// 1 while the topic's log is poisoned by a failed fsync (until the sidecar restarts).
+    pub log_poisoned: Family<TopicLabels, Gauge>,
     /// Age of the oldest unsettled message per subscription.
     pub oldest_age_seconds: Family<SubLabels, Gauge<f64, AtomicU64>>,
     /// From publish to the consuming app's ack, as the producer sees it.
@@ -134,6 +136,7 @@ impl Metrics {
             dropped: Family::default(),
             expired: Family::default(),
             backlog_bytes: Family::default(),
+            log_poisoned: Family::default(),
             oldest_age_seconds: Family::default(),
             publish_to_ack_seconds: Family::new_with_constructor(latency_histogram),
             fsyncs: Family::default(),
@@ -213,6 +216,11 @@ impl Metrics {
             "backlog_bytes",
             "Bytes not yet settled by every subscription",
             m.backlog_bytes.clone(),
+        );
+        registry.register(
+            "log_poisoned",
+            "1 while the topic's log refuses everything after a failed fsync; restart the sidecar",
+            m.log_poisoned.clone(),
         );
         registry.register(
             "oldest_age_seconds",

@@ -180,7 +180,7 @@ impl Engine {
                 ));
                 append.push(p.item);
             }
-            match store.append(append) {
+            match super::stored::append(&store, append, &replicated) {
                 Ok(reply) => waits.push((topic, reply, meta, replicated)),
                 Err(e) => {
                     let msg = e.to_string();
@@ -211,21 +211,7 @@ impl Engine {
                     continue;
                 }
             };
-            let outcome = reply
-                .await
-                .unwrap_or_else(|_| Err(Error::Internal(format!("store of {topic} stopped"))));
-            // Copies are made of what the local log stored (not of refused publishes or
-            // duplicates), after its fsync: a replica never holds an id this log never had.
-            let outcome = match (outcome, &replicated) {
-                (Ok(outcomes), Some((entry, copies))) => {
-                    let copies = crate::replica::newly_stored(copies, &outcomes);
-                    match self.replicator.replicate(self, entry, &copies).await {
-                        Ok(()) => Ok(outcomes),
-                        Err(e) => Err(e),
-                    }
-                }
-                (o, _) => o,
-            };
+            let outcome = self.stored_and_copied(&topic, reply, &replicated).await;
             match outcome {
                 Ok(outcomes) => {
                     let stored = outcomes

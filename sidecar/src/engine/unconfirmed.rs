@@ -7,17 +7,12 @@
 
 use std::sync::Arc;
 
-use ferry_api::routing::TopicEntry;
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::Engine;
-use crate::error::Error;
-use crate::log::StoredMessage;
+use super::stored::{Copies, StoreReply};
 use crate::metrics::Metrics;
 use crate::store::AppendOutcome;
-
-/// What the store answers for one append.
-pub(super) type Reply = oneshot::Receiver<Result<Vec<AppendOutcome>, Error>>;
 
 impl Engine {
     /// Permits for `n` unconfirmed messages, or `None` (counted) when that many would pass
@@ -40,16 +35,16 @@ impl Engine {
     pub(super) fn finish_unconfirmed(
         self: &Arc<Self>,
         topic: &str,
-        reply: Reply,
-        replicated: Option<(TopicEntry, Vec<StoredMessage>)>,
+        reply: StoreReply,
+        replicated: Copies,
         permit: OwnedSemaphorePermit,
     ) {
         let engine = self.clone();
         let topic = topic.to_owned();
         tokio::spawn(async move {
             let n = permit.num_permits();
-            match reply.await {
-                Ok(Ok(outcomes)) => {
+            match engine.stored_and_copied(&topic, reply, &replicated).await {
+                Ok(outcomes) => {
                     let stored = outcomes
                         .iter()
                         .filter(|o| matches!(o, AppendOutcome::Stored(_)))
@@ -59,24 +54,14 @@ impl Engine {
                         .stored
                         .get_or_create(&Metrics::topic(&topic))
                         .inc_by(stored as u64);
-                    if let Some((entry, copies)) = replicated {
-                        let copies = crate::replica::newly_stored(&copies, &outcomes);
-                        if let Err(e) = engine.replicator.replicate(&engine, &entry, &copies).await
-                        {
-                            tracing::warn!(%topic, error = %e, "copies of unacknowledged publishes not made");
-                        }
-                    }
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(%topic, error = %e, "unacknowledged publishes not stored");
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "unacknowledged publishes not stored or not copied");
                     engine
                         .metrics
                         .publish_errors
                         .get_or_create(&Metrics::topic(&topic))
                         .inc_by(n as u64);
-                }
-                Err(_) => {
-                    tracing::warn!(%topic, "the store stopped before unacknowledged publishes were stored")
                 }
             }
             engine.metrics.unconfirmed_publishes.dec_by(n as i64);

@@ -403,6 +403,22 @@ impl Log for DiskLog {
         self.settlements.cursor(subscription)
     }
 
+    fn poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Works on a poisoned log on purpose: it is what a failed fsync calls for. Records
+    /// below `durable` are all in sealed segments or the active one's synced part (a roll
+    /// syncs the segment it seals), so only the active segment is cut.
+    fn discard_unsynced(&mut self) -> Result<u64, LogError> {
+        let dropped = self.active.truncate_to(self.durable)?;
+        if dropped > 0 {
+            tracing::warn!(dir = %self.dir.display(), from = self.durable, dropped,
+                "records whose fsync failed were cut from the log: their publishers were refused");
+        }
+        Ok(dropped)
+    }
+
     fn lost(&self) -> Vec<Range<Offset>> {
         let mut lost = self.settlements.lost_ranges();
         lost.extend(self.read_lost_snapshot().into_iter().map(|o| o..o + 1));

@@ -157,6 +157,17 @@ pub trait Log: Send + std::fmt::Debug {
     fn lost(&self) -> Vec<Range<Offset>> {
         Vec::new()
     }
+    /// Whether an fsync failed: the log then refuses appends, reads and settlements until
+    /// the sidecar restarts (see `disk.rs`).
+    fn poisoned(&self) -> bool {
+        false
+    }
+    /// After a failed fsync: forgets every record at or above `durable()`, in memory and in
+    /// the file, so that nothing a publisher was refused comes back after a restart.
+    /// Returns how many records were dropped. A no-op for logs that never sync.
+    fn discard_unsynced(&mut self) -> Result<u64, LogError> {
+        Ok(0)
+    }
     /// Records dropped unsettled by retention (`Memory` topics that drop the oldest).
     fn dropped(&self) -> u64 {
         0

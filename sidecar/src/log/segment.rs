@@ -272,6 +272,28 @@ impl ActiveSegment {
         Ok(())
     }
 
+    /// Cuts the segment back to its records below `offset` (file and index): after a failed
+    /// fsync the records past the last durable offset were refused to their publishers, and
+    /// bytes of theirs left in the page cache must not be read back by the next open. The
+    /// truncation is not fsynced (the device is failing); a power loss may keep some of
+    /// those bytes, which is no worse than before the cut. Returns the records dropped.
+    pub fn truncate_to(&mut self, offset: Offset) -> Result<u64, LogError> {
+        let keep = usize::try_from(offset.saturating_sub(self.seg.base)).unwrap_or(usize::MAX);
+        if keep >= self.seg.positions.len() {
+            return Ok(0);
+        }
+        let pos = u64::from(self.seg.positions[keep]);
+        self.seg
+            .file
+            .set_len(pos)
+            .map_err(io_err(CUT_BACK, &self.seg.path))?;
+        let dropped = (self.seg.positions.len() - keep) as u64;
+        self.seg.positions.truncate(keep);
+        self.seg.len = pos;
+        self.synced_len = self.synced_len.min(pos);
+        Ok(dropped)
+    }
+
     /// Whether there are written bytes not yet covered by fdatasync.
     pub fn is_dirty(&self) -> bool {
         self.synced_len < self.seg.len

@@ -13,15 +13,25 @@
 //! - `dedup_journal.rs`: the file that makes the dedup window survive a restart.
 //! - `tail.rs`: the newest records kept in memory for dispatchers that keep up.
 //! - `settled_index.rs`: ids of a `Replicated` topic's unsettled records, for the replicas.
+//! - `held.rs`: records of a `Replicated` publish kept from dispatchers until copied.
+//!
+//! High watermark: dispatchers see only records that met the topic's durability (DESIGN,
+//! "Only durable records are delivered"): `Disk` below the last successful fsync,
+//! `Replicated` that and not held for copies still being made, `DiskAsync` and `Memory`
+//! once written (their publishers are acked then, too). [`TopicStore::watch_written`]
+//! carries that mark; reads never return a record at or above it.
 
 pub mod dedup;
 pub mod dedup_journal;
+mod held;
 pub mod key_sequences;
 mod settled_index;
 mod tail;
 #[cfg(test)]
 mod tests;
 mod thread;
+#[cfg(test)]
+mod watermark_tests;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -35,6 +45,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{oneshot, watch};
 
 use self::dedup::DedupWindow;
+pub use self::held::Held;
 use self::key_sequences::KeySequences;
 use crate::error::Error;
 use crate::log::{
@@ -60,6 +71,15 @@ pub enum AppendOutcome {
     Duplicate(Offset),
 }
 
+impl AppendOutcome {
+    /// Where the message is stored (for a duplicate, where its first copy is).
+    pub fn offset(self) -> Offset {
+        match self {
+            Self::Stored(o) | Self::Duplicate(o) => o,
+        }
+    }
+}
+
 /// Records read for one subscription.
 #[derive(Debug, Default)]
 pub struct ReadBatch {
@@ -78,12 +98,20 @@ pub struct StoreStats {
     pub dropped: AtomicU64,
     /// Every registered subscription settled every record (or there is none to deliver to).
     pub drained: std::sync::atomic::AtomicBool,
+    /// An fsync of the log failed: it takes no publish until the sidecar restarts
+    /// (`ferry_sidecar_log_poisoned`, and `/readyz` says not ready).
+    pub poisoned: std::sync::atomic::AtomicBool,
 }
 
 impl StoreStats {
     /// Bytes not settled by every subscription.
     pub fn backlog(&self) -> u64 {
         self.backlog_bytes.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Whether the log is poisoned by a failed fsync.
+    pub fn poisoned(&self) -> bool {
+        self.poisoned.load(AtomicOrdering::Relaxed)
     }
 
     /// Whether every written record is settled by every subscription.
@@ -95,10 +123,45 @@ impl StoreStats {
 /// Settlement of one offset by one subscription.
 pub type SettleItem = (Arc<str>, Offset, Settlement);
 
+/// The answer to an append once the topic's durability is met.
+pub type AppendReply = oneshot::Sender<Result<Vec<AppendOutcome>, Error>>;
+/// What a held append is answered: the outcomes and the hold on the stored records.
+pub type HeldResult = Result<(Vec<AppendOutcome>, Held), Error>;
+/// The answer to a held append.
+pub type HeldReply = oneshot::Sender<HeldResult>;
+
+/// Where an append's answer goes.
+pub(crate) enum Answer {
+    Plain(AppendReply),
+    /// The stored records stay hidden from dispatchers until the [`Held`] sent back is
+    /// released; `tx` is what the hold reports its release through.
+    Held(HeldReply, std::sync::mpsc::Sender<Command>),
+}
+
+impl Answer {
+    /// Refuses the whole request.
+    pub(crate) fn fail(self, e: Error) {
+        match self {
+            Answer::Plain(reply) => {
+                let _ = reply.send(Err(e));
+            }
+            Answer::Held(reply, _) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
 pub(crate) enum Command {
     Append {
         items: Vec<AppendItem>,
-        reply: oneshot::Sender<Result<Vec<AppendOutcome>, Error>>,
+        reply: Answer,
+    },
+    /// Records of a held append: copied as the topic's durability asks (`replicated`), or
+    /// not, in which case their publisher was refused and they are never delivered.
+    Release {
+        offsets: Vec<Offset>,
+        replicated: bool,
     },
     Settle(Vec<SettleItem>),
     Read {
@@ -303,7 +366,25 @@ impl TopicStore {
         items: Vec<AppendItem>,
     ) -> Result<oneshot::Receiver<Result<Vec<AppendOutcome>, Error>>, Error> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Append { items, reply })?;
+        self.send(Command::Append {
+            items,
+            reply: Answer::Plain(reply),
+        })?;
+        Ok(rx)
+    }
+
+    /// Queues an append whose stored records dispatchers do not see until the returned
+    /// [`Held`] is released: a `Replicated` publish, confirmed once its copies are made.
+    /// Dropping the hold unreleased refuses the records (never delivered).
+    pub fn append_held(
+        &self,
+        items: Vec<AppendItem>,
+    ) -> Result<oneshot::Receiver<HeldResult>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Append {
+            items,
+            reply: Answer::Held(reply, self.tx.clone()),
+        })?;
         Ok(rx)
     }
 
@@ -402,7 +483,8 @@ impl TopicStore {
         Ok(all.into_iter().collect())
     }
 
-    /// Watches the offset below which records may be delivered.
+    /// Watches the offset below which records may be delivered: the high watermark (see
+    /// the module documentation), not the end of the log.
     pub fn watch_written(&self) -> watch::Receiver<Offset> {
         self.written.clone()
     }

@@ -50,16 +50,26 @@ impl Tail {
         self.bytes = 0;
     }
 
+    /// Forgets the records at or above `offset` (cut from the log after a failed fsync).
+    pub(super) fn truncate(&mut self, offset: Offset) {
+        while self.records.back().is_some_and(|(o, _, _)| *o >= offset) {
+            if let Some((_, _, len)) = self.records.pop_back() {
+                self.bytes -= len;
+            }
+        }
+    }
+
     fn next(&self) -> Option<Offset> {
         self.records.back().map(|(o, _, _)| o + 1)
     }
 
-    /// Up to `max` records at or after `from` that `keep` accepts, scanning at most
-    /// `scan` records; `None` when `from` is older than the tail. Returns the records and
-    /// where the next read starts.
+    /// Up to `max` records at or after `from` and below `below` (the high watermark) that
+    /// `keep` accepts, scanning at most `scan` records; `None` when `from` is older than
+    /// the tail. Returns the records and where the next read starts.
     pub(super) fn read(
         &self,
         from: Offset,
+        below: Offset,
         max: usize,
         scan: usize,
         keep: impl Fn(Offset) -> bool,
@@ -76,7 +86,7 @@ impl Tail {
             .range(start.min(self.records.len())..)
             .take(scan)
         {
-            if out.len() >= max {
+            if out.len() >= max || *o >= below {
                 break;
             }
             next = o + 1;
@@ -97,25 +107,33 @@ mod tests {
     fn serves_recent_records_and_refuses_older_ones() {
         let mut t = Tail::default();
         t.extend(10, (0..5).map(msg).collect());
-        assert!(t.read(9, 10, 100, |_| true).is_none());
-        let (got, next) = t.read(11, 2, 100, |_| true).unwrap();
+        assert!(t.read(9, 99, 10, 100, |_| true).is_none());
+        let (got, next) = t.read(11, 99, 2, 100, |_| true).unwrap();
         assert_eq!(
             got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
             vec![11, 12]
         );
         assert_eq!(next, 13);
-        let (got, next) = t.read(12, 10, 100, |o| o != 13).unwrap();
+        let (got, next) = t.read(12, 99, 10, 100, |o| o != 13).unwrap();
         assert_eq!(
             got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
             vec![12, 14]
         );
         assert_eq!(next, 15);
-        let (got, next) = t.read(15, 10, 100, |_| true).unwrap();
+        let (got, next) = t.read(15, 99, 10, 100, |_| true).unwrap();
         assert!(got.is_empty());
         assert_eq!(next, 15);
+        // Nothing at or above the high watermark, and the next read starts there.
+        let (got, next) = t.read(10, 12, 10, 100, |_| true).unwrap();
+        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [10, 11]);
+        assert_eq!(next, 12);
+        let mut cut = Tail::default();
+        cut.extend(10, (0..5).map(msg).collect());
+        cut.truncate(12);
+        assert_eq!(cut.read(10, 99, 10, 100, |_| true).unwrap().0.len(), 2);
         // A gap starts over.
         t.extend(20, vec![msg(1)]);
-        assert!(t.read(14, 10, 100, |_| true).is_none());
-        assert_eq!(t.read(20, 10, 100, |_| true).unwrap().0.len(), 1);
+        assert!(t.read(14, 99, 10, 100, |_| true).is_none());
+        assert_eq!(t.read(20, 99, 10, 100, |_| true).unwrap().0.len(), 1);
     }
 }

@@ -1,6 +1,6 @@
 //! The loop on a topic's store thread. See the parent module for the group-commit rules.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -14,9 +14,11 @@ use super::dedup::DedupWindow;
 use super::key_sequences::KeySequences;
 use super::settled_index::SettledIndex;
 use super::tail::Tail;
-use super::{Command, StoreOptions, StoreStats};
+use super::{
+    Answer, AppendOutcome, AppendReply, Command, Held, HeldReply, StoreOptions, StoreStats,
+};
 use crate::error::Error;
-use crate::log::{Log, Offset};
+use crate::log::{Log, Offset, Settlement};
 
 /// Most commands handled in one round; bounds the latency of the first one.
 const MAX_ROUND: usize = 4096;
@@ -27,6 +29,28 @@ const READ_SCAN_ROUNDS: usize = 8;
 
 mod answer;
 mod append;
+mod poison;
+
+/// An append's answer, ready to send once the high watermark moved.
+enum Ready {
+    Plain(AppendReply, Result<Vec<AppendOutcome>, Error>),
+    Held(HeldReply, super::HeldResult),
+}
+
+impl Ready {
+    fn send(self) {
+        match self {
+            Ready::Plain(reply, result) => {
+                let _ = reply.send(result);
+            }
+            // A publisher gone meanwhile drops the answer, and with it the hold, which
+            // refuses the records at the next round.
+            Ready::Held(reply, result) => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
 
 pub(super) struct StoreThread {
     topic: String,
@@ -50,6 +74,13 @@ pub(super) struct StoreThread {
     tail: Option<Tail>,
     /// `Replicated` topics: unsettled ids, reported to the replicator once settled.
     settled_index: Option<SettledIndex>,
+    /// The high watermark: dispatchers read only below it (see the parent module).
+    visible: Offset,
+    /// Offsets of held appends not yet released (`held.rs`).
+    held: BTreeSet<Offset>,
+    /// Offsets whose publish was refused after they were stored (copies not made); settled
+    /// for every subscription, and skipped by reads until `acknowledged()` passes them.
+    refused: BTreeSet<Offset>,
 }
 
 impl StoreThread {
@@ -80,7 +111,11 @@ impl StoreThread {
             fsyncs: options.fsyncs.clone(),
             tail: (entry.durability != Durability::Memory).then(Tail::default),
             settled_index: None,
+            visible: 0,
+            held: BTreeSet::new(),
+            refused: BTreeSet::new(),
         };
+        s.visible = s.log.written();
         s.settled_index = SettledIndex::for_topic(entry, s.log.as_ref(), options);
         s.publish_stats();
         s
@@ -121,6 +156,16 @@ impl StoreThread {
         for c in round.drain(..) {
             match c {
                 Command::Append { items, reply } => appends.push((items, reply)),
+                Command::Release {
+                    offsets,
+                    replicated,
+                } => {
+                    if !replicated {
+                        settled_any = true;
+                        touched.extend(offsets.iter().copied());
+                    }
+                    self.release(offsets, replicated);
+                }
                 Command::Settle(items) => {
                     settled_any |= !items.is_empty();
                     if self.settled_index.is_some() {
@@ -173,18 +218,24 @@ impl StoreThread {
             if let Err(e) = self.log.sync() {
                 tracing::error!(topic = %self.topic, error = %e, "fsync failed");
                 sync_error = Some(e.to_string());
+                self.poisoned(&e);
             }
             self.dirty = false;
             self.last_sync = Instant::now();
         }
         // Counters first, so that whoever hears back sees them current.
         self.publish_stats();
-        if appended {
-            self.written_tx.send_replace(self.log.written());
-        }
+        // Below this the records of the round met the topic's durability: a failed fsync
+        // refuses the publishes of records above it (a `DiskAsync` publish was promised
+        // only the write).
+        let durable = match self.durability {
+            Durability::Disk | Durability::Replicated => self.log.durable(),
+            Durability::DiskAsync | Durability::Memory => Offset::MAX,
+        };
+        let mut answers = Vec::with_capacity(replies.len());
         for (reply, result, waiters) in replies {
             let result = match (&sync_error, result) {
-                (Some(msg), Ok(_)) if self.durability != Durability::DiskAsync => Err(
+                (Some(msg), Ok(outcomes)) if outcomes.iter().any(|o| o.offset() >= durable) => Err(
                     Error::Internal(format!("fsync of topic {} failed: {msg}", self.topic)),
                 ),
                 (_, r) => r,
@@ -194,7 +245,13 @@ impl StoreThread {
                     self.delivered_waiters.entry(offset).or_default().push(tx);
                 }
             }
-            let _ = reply.send(result);
+            answers.push(self.hold(reply, result));
+        }
+        // The mark moves before anyone hears back: a publisher told "stored" finds its
+        // record deliverable (unless held for its copies).
+        self.advance_visible();
+        for answer in answers {
+            answer.send();
         }
         if settled_any || appended {
             self.fire_delivered_waiters();
@@ -223,6 +280,62 @@ impl StoreThread {
             if let Some(index) = &mut self.settled_index {
                 index.settled(self.log.as_ref(), &self.subscriptions, &touched);
             }
+        }
+    }
+
+    /// Prepares the answer to one append request: a held one registers its stored offsets.
+    fn hold(&mut self, reply: Answer, result: Result<Vec<AppendOutcome>, Error>) -> Ready {
+        match reply {
+            Answer::Plain(reply) => Ready::Plain(reply, result),
+            Answer::Held(reply, tx) => {
+                let result = result.map(|outcomes| {
+                    let stored: Vec<Offset> = outcomes
+                        .iter()
+                        .filter_map(|o| match o {
+                            AppendOutcome::Stored(o) => Some(*o),
+                            AppendOutcome::Duplicate(_) => None,
+                        })
+                        .collect();
+                    self.held.extend(stored.iter().copied());
+                    (outcomes, Held::new(stored, tx))
+                });
+                Ready::Held(reply, result)
+            }
+        }
+    }
+
+    /// Ends the hold on `offsets`; refused ones are settled for every subscription.
+    fn release(&mut self, offsets: Vec<Offset>, replicated: bool) {
+        for o in &offsets {
+            self.held.remove(o);
+        }
+        if !replicated {
+            for o in offsets {
+                for sub in &self.subscriptions {
+                    if self.log.settle(sub, o, Settlement::Dropped).is_ok() {
+                        self.dirty = true;
+                    }
+                }
+                self.refused.insert(o);
+            }
+        }
+        self.advance_visible();
+    }
+
+    /// Moves the high watermark up to what the topic's durability allows now.
+    fn advance_visible(&mut self) {
+        let mark = match self.durability {
+            Durability::Disk | Durability::Replicated => self.log.durable(),
+            Durability::DiskAsync | Durability::Memory => self.log.written(),
+        };
+        let mark = self.held.first().map_or(mark, |h| mark.min(*h));
+        let acknowledged = self.log.acknowledged();
+        if self.refused.first().is_some_and(|o| *o < acknowledged) {
+            self.refused = self.refused.split_off(&acknowledged);
+        }
+        if mark > self.visible {
+            self.visible = mark;
+            self.written_tx.send_replace(mark);
         }
     }
 

@@ -55,42 +55,41 @@ impl StoreThread {
                 let _ = reply.send(held);
             }
             Command::Append { .. }
+            | Command::Release { .. }
             | Command::Settle(_)
             | Command::SetSubscriptions(_)
             | Command::Flush(_) => {}
         }
     }
 
+    /// Reads for a dispatcher: only below the high watermark (`visible`), never a refused
+    /// record, never one `subscription` settled.
     fn read(&self, subscription: &str, from: u64, max: usize) -> Result<ReadBatch, Error> {
         let max = max.max(1);
+        let below = self.visible;
+        let keep = |o: u64| !self.refused.contains(&o) && !self.log.is_settled(subscription, o);
         if let Some(tail) = &self.tail
-            && let Some((records, next)) = tail.read(from, max, max * READ_SCAN_ROUNDS, |o| {
-                !self.log.is_settled(subscription, o)
-            })
+            && let Some((records, next)) = tail.read(from, below, max, max * READ_SCAN_ROUNDS, keep)
         {
             return Ok(ReadBatch { records, next });
         }
         let mut records = Vec::new();
         let mut next = from;
         for _ in 0..READ_SCAN_ROUNDS {
-            let written = self.log.written();
-            if next >= written {
-                next = written;
+            if next >= below {
                 break;
             }
-            let got = self
+            let mut got = self
                 .log
                 .read(next, max - records.len())
                 .map_err(|e| Error::from_log(&self.topic, e))?;
+            got.retain(|(o, _)| *o < below);
             let full = got.len() == max - records.len();
             match got.last() {
                 Some((last, _)) if full => next = last + 1,
-                _ => next = written,
+                _ => next = below,
             }
-            records.extend(
-                got.into_iter()
-                    .filter(|(o, _)| !self.log.is_settled(subscription, *o)),
-            );
+            records.extend(got.into_iter().filter(|(o, _)| keep(*o)));
             if records.len() >= max || !full {
                 break;
             }

@@ -11,18 +11,16 @@ use super::StoreThread;
 use crate::error::Error;
 use crate::log::record::message_record_len;
 use crate::log::{LogError, Offset};
+use crate::store::Answer;
 use crate::store::{AppendItem, AppendOutcome};
 
 impl StoreThread {
     #[allow(clippy::type_complexity)]
     pub(super) fn append(
         &mut self,
-        requests: Vec<(
-            Vec<AppendItem>,
-            oneshot::Sender<Result<Vec<AppendOutcome>, Error>>,
-        )>,
+        requests: Vec<(Vec<AppendItem>, Answer)>,
     ) -> Vec<(
-        oneshot::Sender<Result<Vec<AppendOutcome>, Error>>,
+        Answer,
         Result<Vec<AppendOutcome>, Error>,
         Vec<(Offset, oneshot::Sender<()>)>,
     )> {
@@ -46,11 +44,11 @@ impl StoreThread {
             if self.durability != Durability::Memory
                 && backlog.saturating_add(pending_bytes).saturating_add(bytes) > self.max_backlog
             {
-                let _ = reply.send(Err(Error::BacklogFull {
+                reply.fail(Error::BacklogFull {
                     topic: self.topic.clone(),
                     limit: format!("retention.maxBytes = {} bytes", self.max_backlog),
                     current: backlog.saturating_add(pending_bytes),
-                }));
+                });
                 continue;
             }
             pending_bytes += bytes;
