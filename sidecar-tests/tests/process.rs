@@ -21,6 +21,7 @@ mod process {
     pub mod exactly_once_takeover;
     pub mod grpcurl;
     pub mod handoff;
+    pub mod handoff_groups;
     pub mod io_errors;
     pub mod key_sequence_restart;
     pub mod kill9;
