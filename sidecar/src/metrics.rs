@@ -80,6 +80,9 @@ pub struct Metrics {
     pub handed_off: Family<TopicLabels, Counter>,
     /// Replicated copies this sidecar took custody of from a producer that was gone.
     pub taken_over: Family<TopicLabels, Counter>,
+    /// Copies held here as a replica that one subscription settled (per-subscription
+    /// trims applied): a takeover does not deliver them to that subscription.
+    pub replica_settled: Family<TopicLabels, Counter>,
     /// Messages a restarted producer took back from its replicas.
     pub relearned: Family<TopicLabels, Counter>,
     /// 1 while the routing source can be read (a live etcd watch; always 1 for a file or
@@ -144,6 +147,7 @@ impl Metrics {
             replicated: Family::default(),
             handed_off: Family::default(),
             taken_over: Family::default(),
+            replica_settled: Family::default(),
             relearned: Family::default(),
             routing_source_connected: Gauge::default(),
             routing_revision: Gauge::default(),
@@ -252,6 +256,11 @@ impl Metrics {
             "taken_over",
             "Replicated copies taken into custody from a producer that was gone",
             m.taken_over.clone(),
+        );
+        registry.register(
+            "replica_settled",
+            "Copies held as a replica that one subscription settled (a takeover does not deliver them to it)",
+            m.replica_settled.clone(),
         );
         registry.register(
             "relearned",

@@ -76,7 +76,16 @@ async fn publish_with_fast_groups(
     let mut app = mesh.app("producer").await?;
     for i in 0..MESSAGES {
         let id = format!("{test}-{i}");
-        publish(&mut app, history, "producer", TOPIC, &id, None, vec![b'g'; 256]).await?;
+        publish(
+            &mut app,
+            history,
+            "producer",
+            TOPIC,
+            &id,
+            None,
+            vec![b'g'; 256],
+        )
+        .await?;
     }
     wait_for(
         Duration::from_secs(60),
@@ -179,11 +188,7 @@ async fn sigterm_handoff_redelivers_only_what_each_group_lacks() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_redelivers_only_what_each_group_lacks() -> anyhow::Result<()> {
     let test = "handoff_groups_takeover";
-    let mut mesh = TestMesh::start(
-        &crs("durability: Replicated, replicas: 2"),
-        &pods(),
-    )
-    .await?;
+    let mut mesh = TestMesh::start(&crs("durability: Replicated, replicas: 2"), &pods()).await?;
     let history = History::default();
     publish_with_fast_groups(&mesh, &history, test).await?;
 

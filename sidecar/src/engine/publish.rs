@@ -124,6 +124,7 @@ impl Engine {
                     message,
                     delivered: delivered_tx,
                     bypass_dedup: false,
+                    settled_by: Vec::new(),
                 },
                 level,
                 timeout,
@@ -320,6 +321,7 @@ impl Engine {
             message,
             delivered: None,
             bypass_dedup: false,
+            settled_by: Vec::new(),
         }])?;
         reply
             .await

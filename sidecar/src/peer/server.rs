@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::consumer::{Consumer, Incoming, ReplyTo};
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::replica::{custody, from_wire, to_wire};
+use crate::replica::{Moved, custody, from_wire};
 
 /// Settlements coalesced into one `ForwardResponse`.
 const SETTLED_BATCH: usize = 4096;
@@ -135,7 +135,8 @@ impl Peer for PeerService {
             return Err(Error::UnknownTopic(r.topic).into());
         }
         let replicas = self.engine.replicas.clone();
-        let held = tokio::task::spawn_blocking(move || {
+        let topic = r.topic.clone();
+        let done = tokio::task::spawn_blocking(move || {
             let copies = r.copies.into_iter().map(from_wire).collect();
             replicas.replicate(
                 &r.producer,
@@ -144,11 +145,19 @@ impl Peer for PeerService {
                 r.incarnation,
                 copies,
                 &r.settled_ids,
+                &r.settled_by,
             )
         })
         .await
         .map_err(blocking_failed)??;
-        Ok(Response::new(ReplicateResponse { held }))
+        if done.settled_by_subscription > 0 {
+            self.engine
+                .metrics
+                .replica_settled
+                .get_or_create(&crate::metrics::Metrics::topic(&topic))
+                .inc_by(done.settled_by_subscription);
+        }
+        Ok(Response::new(ReplicateResponse { held: done.held }))
     }
 
     async fn held(&self, request: Request<HeldRequest>) -> Result<Response<HeldResponse>, Status> {
@@ -169,7 +178,7 @@ impl Peer for PeerService {
         .await
         .map_err(blocking_failed)??;
         Ok(Response::new(HeldResponse {
-            copies: page.copies.iter().map(|(_, m)| to_wire(m)).collect(),
+            copies: page.copies.iter().map(|c| c.moved.to_wire()).collect(),
             next: page.next,
             more: page.more,
         }))
@@ -186,7 +195,7 @@ impl Peer for PeerService {
         if !self.engine.table().topics.contains_key(&r.topic) {
             return Err(Error::UnknownTopic(r.topic).into());
         }
-        let messages = r.messages.into_iter().map(from_wire).collect();
+        let messages = r.messages.into_iter().map(Moved::from_wire).collect();
         let stored = custody::take_custody(&self.engine, &r.topic, &r.from, messages).await?;
         Ok(Response::new(TakeCustodyResponse { stored }))
     }

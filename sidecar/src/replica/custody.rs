@@ -8,19 +8,20 @@ use crate::error::Error;
 use crate::log::StoredMessage;
 use crate::store::{AppendItem, AppendOutcome};
 
-use super::CUSTODY_HEADER;
+use super::{CUSTODY_HEADER, Moved};
 
 /// Appends `messages` to this sidecar's log of `topic` as messages it now owns, tagged with
 /// [`CUSTODY_HEADER`] = `from`, and returns once they are durable (the topic's durability,
 /// `Disk` level at least), with how many were stored (ids within the dedup window are not
-/// stored twice). For a `Replicated` topic their copies go to this sidecar's replicas too,
+/// stored twice). Each is settled at once for the subscriptions that settled it where it
+/// comes from ([`Moved::settled_by`]), so that only the others receive it again. For a `Replicated` topic their copies go to this sidecar's replicas too,
 /// as far as they answer: custody is never refused for want of replicas, since the
 /// sender's copy would be the only other one.
 pub async fn take_custody(
     engine: &Arc<Engine>,
     topic: &str,
     from: &str,
-    messages: Vec<StoredMessage>,
+    messages: Vec<Moved>,
 ) -> Result<u64, Error> {
     append(engine, topic, from, messages, false).await
 }
@@ -31,7 +32,7 @@ pub async fn take_custody(
 pub async fn relearn(
     engine: &Arc<Engine>,
     topic: &str,
-    messages: Vec<StoredMessage>,
+    messages: Vec<Moved>,
 ) -> Result<u64, Error> {
     let me = engine.identity.producer_id.clone();
     append(engine, topic, &me, messages, true).await
@@ -41,7 +42,7 @@ async fn append(
     engine: &Arc<Engine>,
     topic: &str,
     from: &str,
-    messages: Vec<StoredMessage>,
+    messages: Vec<Moved>,
     bypass_dedup: bool,
 ) -> Result<u64, Error> {
     if messages.is_empty() {
@@ -50,25 +51,33 @@ async fn append(
     let store = engine.store(topic).await?;
     // Two copies of one id (sent again after a restart of their producer) are one message.
     let mut ids = std::collections::HashSet::new();
-    let messages: Vec<StoredMessage> = messages
+    let (messages, settled_by): (Vec<StoredMessage>, Vec<Vec<String>>) = messages
         .into_iter()
-        .filter(|m| ids.insert(m.id.clone()))
-        .map(|mut m| {
-            if !m.headers.iter().any(|(k, _)| k == CUSTODY_HEADER) {
-                m.headers.push((CUSTODY_HEADER.into(), from.to_owned()));
-                m.headers.sort();
-            }
-            m.key_sequence = 0;
-            m
-        })
-        .collect();
+        .filter(|m| ids.insert(m.message.id.clone()))
+        .map(
+            |Moved {
+                 mut message,
+                 settled_by,
+             }| {
+                let m = &mut message;
+                if !m.headers.iter().any(|(k, _)| k == CUSTODY_HEADER) {
+                    m.headers.push((CUSTODY_HEADER.into(), from.to_owned()));
+                    m.headers.sort();
+                }
+                m.key_sequence = 0;
+                (message, settled_by)
+            },
+        )
+        .unzip();
     let items = messages
         .iter()
         .cloned()
-        .map(|message| AppendItem {
+        .zip(settled_by)
+        .map(|(message, settled_by)| AppendItem {
             message,
             delivered: None,
             bypass_dedup,
+            settled_by,
         })
         .collect();
     let outcomes = store

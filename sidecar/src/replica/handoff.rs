@@ -1,9 +1,12 @@
 //! SIGTERM handoff: after the drain window, the backlog this sidecar could not deliver is
 //! moved to a live peer with `TakeCustody` (the peer fsyncs before answering), then settled
-//! here, so that deleting the pod loses nothing. Peers are tried in the replica preference
-//! order. The dispatchers stop first, so nothing is forwarded while it moves; deliveries
-//! in flight at that moment are handed off too (a consumer may see them twice, attempt >= 2
-//! for the second). What no peer takes stays in the log for the next start.
+//! here, so that deleting the pod loses nothing. Each record goes with the subscriptions
+//! that settled it here (`PeerMessage.settled_by`): the peer delivers it to the others
+//! only, so a group that kept up gets nothing again while a slow one gets its backlog.
+//! Peers are tried in the replica preference order. The dispatchers stop first, so nothing
+//! is forwarded while it moves; deliveries in flight at that moment are handed off too (a
+//! consumer may see them twice, attempt >= 2 for the second). What no peer takes stays in
+//! the log for the next start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +15,13 @@ use ferry_api::crd::Durability;
 use ferry_api::proto::v1::TakeCustodyRequest;
 use tokio::time::Instant;
 
+use super::Moved;
 use super::replicator::Replicator;
-use super::to_wire;
+use super::trims;
 use crate::engine::Engine;
-use crate::log::{Offset, Settlement, StoredMessage};
+use crate::log::{Offset, Settlement};
 use crate::metrics::Metrics;
-use crate::store::TopicStore;
+use crate::store::{TopicStore, UnsettledRecord};
 
 /// Messages per `TakeCustody` request.
 const CHUNK: usize = 512;
@@ -75,15 +79,18 @@ async fn hand_off_topic(engine: &Arc<Engine>, store: &Arc<TopicStore>, deadline:
         };
         let settle = chunk
             .iter()
-            .flat_map(|(o, _)| {
+            .flat_map(|r| {
                 subs.iter()
-                    .map(move |s| (s.clone(), *o, Settlement::Dropped))
+                    .filter(|s| !r.settled_by.contains(s))
+                    .map(move |s| (s.clone(), r.offset, Settlement::Dropped))
             })
             .collect::<Vec<(Arc<str>, Offset, Settlement)>>();
         store.settle(settle);
         if store.durability == Durability::Replicated {
-            let ids = chunk.iter().map(|(_, m)| m.id.clone()).collect();
-            engine.replicator.queue_trims(engine, &topic, ids);
+            let ids = chunk.iter().map(|r| r.message.id.clone());
+            engine
+                .replicator
+                .queue_trims(engine, &topic, trims::all(ids));
         }
         moved += chunk.len() as u64;
         tracing::info!(%topic, %peer, n = chunk.len(), "handed messages off");
@@ -106,13 +113,13 @@ async fn hand_off_topic(engine: &Arc<Engine>, store: &Arc<TopicStore>, deadline:
 async fn send(
     engine: &Engine,
     topic: &str,
-    chunk: &[(Offset, StoredMessage)],
+    chunk: &[UnsettledRecord],
     deadline: Instant,
 ) -> Option<String> {
     let request = TakeCustodyRequest {
         from: engine.identity.producer_id.to_string(),
         topic: topic.to_owned(),
-        messages: chunk.iter().map(|(_, m)| to_wire(m)).collect(),
+        messages: chunk.iter().map(|r| moved(r).to_wire()).collect(),
     };
     let mut order = Replicator::candidates(engine);
     order.sort_by_key(|c| !engine.peers.is_live(&c.address));
@@ -135,4 +142,12 @@ async fn send(
         }
     }
     None
+}
+
+/// What moves of a record: the message and who settled it here.
+fn moved(r: &UnsettledRecord) -> Moved {
+    Moved {
+        message: r.message.clone(),
+        settled_by: r.settled_by.iter().map(|s| s.to_string()).collect(),
+    }
 }

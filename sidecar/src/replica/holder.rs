@@ -2,8 +2,18 @@
 //! `<data-dir>/replicas/<producer namespace>/<producer pod>/<topic namespace>/<topic>`, with
 //! the producer's peer address in `<producer pod>/address` (the takeover probes it after a
 //! restart of this sidecar). A copy is "held" until the producer trims its id or this
-//! sidecar takes custody of it; either settles it for the log's one subscription
-//! ([`CUSTODY_SUB`]), so compaction frees its segment.
+//! sidecar takes custody of it; either settles it for the log's subscription
+//! [`CUSTODY_SUB`] (and every other one), so compaction frees its segment.
+//!
+//! Per subscription: a producer also tells which subscription settled a copy that others
+//! have not settled yet. The replica log then gets a subscription of that name (listed in
+//! `replica-subscriptions` in its folder, `holder_subscriptions.rs`, so that a restart registers it again) and the copy is settled
+//! for it; a takeover or re-learn hands the copy on with those names
+//! ([`super::Moved::settled_by`]), so that only the other subscriptions receive it again.
+//! Such a trim names a message id; of the copies with that id the oldest this subscription
+//! has not settled is meant, preferring those sent by the trimming incarnation (an id is
+//! one message within the dedup window; the copies of one id published twice, further
+//! apart, are told apart by age).
 //!
 //! Each copy carries the producer's incarnation in the header [`INCARNATION_HEADER`], so a
 //! restarted producer can ask for what an earlier start of it sent. The methods block
@@ -13,21 +23,46 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::error::Error;
-use crate::log::{DiskLog, DiskLogConfig, Log, Offset, Settlement, StoredMessage};
+use ferry_api::proto::v1::SubscriptionSettled;
 
-/// The one subscription of a replica log: the copy is still needed.
+use super::Moved;
+use super::early::Early;
+use crate::error::Error;
+use crate::log::{DiskLog, DiskLogConfig, Log, Offset, StoredMessage};
+
+/// The subscription of a replica log that every copy has: the copy is still needed.
 const CUSTODY_SUB: &str = "custody";
 /// Header of a stored copy: the producer's incarnation that sent it (decimal).
 const INCARNATION_HEADER: &str = "ferry-replica-incarnation";
-
 /// The copies of one producer's topic.
 #[derive(Debug)]
 struct Copies {
     log: DiskLog,
-    /// Offsets of held copies, by message id.
-    by_id: HashMap<String, Vec<Offset>>,
+    /// Offsets of held copies with the incarnation that sent each, by message id.
+    by_id: HashMap<String, Vec<(Offset, u64)>>,
     address: String,
+    /// The log's folder.
+    dir: PathBuf,
+    /// Subscriptions that settled some copy, registered with the log beside [`CUSTODY_SUB`].
+    subscriptions: Vec<String>,
+    /// Per-subscription settlements of ids whose copy has not come yet.
+    early: Early,
+}
+
+/// What [`ReplicaLogs::replicate`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replicated {
+    /// Copies of this producer and topic held afterwards.
+    pub held: u64,
+    /// Copies newly marked settled by one subscription.
+    pub settled_by_subscription: u64,
+}
+
+/// One held copy: its replica offset, the message and who settled it.
+#[derive(Debug, Clone)]
+pub struct HeldCopy {
+    pub offset: Offset,
+    pub moved: Moved,
 }
 
 /// Replica logs by (producer, topic).
@@ -37,7 +72,7 @@ type Logs = HashMap<(String, String), Arc<Mutex<Copies>>>;
 /// whether there is more.
 #[derive(Debug, Default)]
 pub struct HeldPage {
-    pub copies: Vec<(Offset, StoredMessage)>,
+    pub copies: Vec<HeldCopy>,
     pub next: Offset,
     pub more: bool,
 }
@@ -105,11 +140,16 @@ impl ReplicaLogs {
         }
         let (mut log, _report) =
             DiskLog::open(&dir, DiskLogConfig::default()).map_err(|e| Error::from_log(topic, e))?;
-        log.set_subscriptions(&[CUSTODY_SUB.to_owned()])
+        let subscriptions = read_subscriptions(&dir);
+        log.set_subscriptions(&registered(&subscriptions))
             .map_err(|e| Error::from_log(topic, e))?;
-        let mut by_id: HashMap<String, Vec<Offset>> = HashMap::new();
+        for sub in &subscriptions {
+            catch_up(&mut log, sub);
+        }
+        let mut by_id: HashMap<String, Vec<(Offset, u64)>> = HashMap::new();
         for (o, m) in read_all(&log).map_err(|e| Error::from_log(topic, e))? {
-            by_id.entry(m.id).or_default().push(o);
+            let incarnation = incarnation_of(&m);
+            by_id.entry(m.id).or_default().push((o, incarnation));
         }
         let address = dir
             .parent()
@@ -121,6 +161,9 @@ impl ReplicaLogs {
             log,
             by_id,
             address,
+            dir,
+            subscriptions,
+            early: Early::default(),
         }));
         Ok(Some(lock(&self.logs)?.entry(key).or_insert(copies).clone()))
     }
@@ -151,9 +194,10 @@ impl ReplicaLogs {
         }
     }
 
-    /// Stores `copies` (fsynced before returning) and drops the copies of `trims`. Returns
-    /// how many copies are held afterwards. A request with trims only for a producer and
-    /// topic never seen creates nothing.
+    /// Drops the copies of `trims`, stores `copies`, then marks the copies named by
+    /// `settled_by` settled by those subscriptions, all fsynced before returning. A request
+    /// with trims only for a producer and topic never seen creates nothing.
+    #[allow(clippy::too_many_arguments)]
     pub fn replicate(
         &self,
         producer: &str,
@@ -162,9 +206,10 @@ impl ReplicaLogs {
         incarnation: u64,
         copies: Vec<StoredMessage>,
         trims: &[String],
-    ) -> Result<u64, Error> {
+        settled_by: &[SubscriptionSettled],
+    ) -> Result<Replicated, Error> {
         let Some(c) = self.get(producer, topic, !copies.is_empty())? else {
-            return Ok(0);
+            return Ok(Replicated::default());
         };
         let mut c = lock(&c)?;
         if !address.is_empty() && c.address != address {
@@ -183,11 +228,17 @@ impl ReplicaLogs {
         }
         let mut changed = false;
         for id in trims {
-            for o in c.by_id.remove(id).unwrap_or_default() {
-                let _ = c.log.settle(CUSTODY_SUB, o, Settlement::Dropped);
+            for (o, _) in c.by_id.remove(id).unwrap_or_default() {
+                c.settle_everywhere(o);
                 changed = true;
             }
         }
+        // Settlements that came before these copies apply to them now.
+        let copies_ids: Vec<String> = if c.early.is_empty() {
+            Vec::new()
+        } else {
+            copies.iter().map(|m| m.id.clone()).collect()
+        };
         if !copies.is_empty() {
             let tag = incarnation.to_string();
             let copies: Vec<StoredMessage> = copies
@@ -203,17 +254,43 @@ impl ReplicaLogs {
                 .append(&copies)
                 .map_err(|e| Error::from_log(topic, e))?;
             for (o, m) in range.zip(&copies) {
-                c.by_id.entry(m.id.clone()).or_default().push(o);
+                c.by_id
+                    .entry(m.id.clone())
+                    .or_default()
+                    .push((o, incarnation));
             }
             changed = true;
         }
+        let mut settled = 0;
+        for id in &copies_ids {
+            for sub in c.early.take(id) {
+                settled += u64::from(c.settle_by(&sub, id, incarnation));
+            }
+        }
+        let now = std::time::Instant::now();
+        for s in settled_by {
+            if !c.register(&s.subscription, topic)? {
+                continue;
+            }
+            for id in &s.ids {
+                if c.settle_by(&s.subscription, id, incarnation) {
+                    settled += 1;
+                } else if !c.by_id.contains_key(id) {
+                    c.early.note(&s.subscription, id, now);
+                }
+            }
+        }
+        changed |= settled > 0;
         if changed {
             c.log.sync().map_err(|e| Error::from_log(topic, e))?;
             if let Err(e) = c.log.compact() {
                 tracing::debug!(%topic, error = %e, "replica log compaction failed");
             }
         }
-        Ok(c.by_id.values().map(Vec::len).sum::<usize>() as u64)
+        Ok(Replicated {
+            held: c.by_id.values().map(Vec::len).sum::<usize>() as u64,
+            settled_by_subscription: settled,
+        })
     }
 
     /// A page of the held copies of `producer`'s `topic` from replica offset `from`, not
@@ -264,7 +341,19 @@ impl ReplicaLogs {
                 }
                 m.headers.retain(|(k, _)| k != INCARNATION_HEADER);
                 bytes += m.payload.len() + 64;
-                out.push((o, m));
+                let settled_by = c
+                    .subscriptions
+                    .iter()
+                    .filter(|s| c.log.is_settled(s, o))
+                    .cloned()
+                    .collect();
+                out.push(HeldCopy {
+                    offset: o,
+                    moved: Moved {
+                        message: m,
+                        settled_by,
+                    },
+                });
             }
         }
         Ok(HeldPage {
@@ -282,11 +371,11 @@ impl ReplicaLogs {
         let mut c = lock(&c)?;
         let set: std::collections::HashSet<Offset> = offsets.iter().copied().collect();
         c.by_id.retain(|_, os| {
-            os.retain(|o| !set.contains(o));
+            os.retain(|(o, _)| !set.contains(o));
             !os.is_empty()
         });
         for o in offsets {
-            let _ = c.log.settle(CUSTODY_SUB, *o, Settlement::Dropped);
+            c.settle_everywhere(*o);
         }
         c.log.sync().map_err(|e| Error::from_log(topic, e))
     }
@@ -311,6 +400,15 @@ impl ReplicaLogs {
     }
 }
 
+/// The incarnation a copy was sent under (0 if its header is missing).
+fn incarnation_of(m: &StoredMessage) -> u64 {
+    m.headers
+        .iter()
+        .find(|(k, _)| k == INCARNATION_HEADER)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Every unsettled record of a replica log.
 fn read_all(log: &DiskLog) -> Result<Vec<(Offset, StoredMessage)>, crate::log::LogError> {
     let mut out = Vec::new();
@@ -330,100 +428,10 @@ fn read_all(log: &DiskLog) -> Result<Vec<(Offset, StoredMessage)>, crate::log::L
     Ok(out)
 }
 
+#[path = "holder_subscriptions.rs"]
+mod subscriptions;
+use subscriptions::{catch_up, read_subscriptions, registered};
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::log::tests::msg;
-
-    const P: &str = "ns/producer";
-    const T: &str = "ns/orders";
-
-    fn ids(page: &HeldPage) -> Vec<String> {
-        page.copies.iter().map(|(_, m)| m.id.clone()).collect()
-    }
-
-    #[test]
-    fn copies_survive_reopen_trims_drop_only_named_ids_and_incarnations_filter() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = ReplicaLogs::new(dir.path().join("replicas"));
-        // Trims for a producer never seen create nothing.
-        assert_eq!(
-            logs.replicate(P, "", T, 1, vec![], &["x".into()]).unwrap(),
-            0
-        );
-        assert!(logs.producers().is_empty());
-
-        let held = logs
-            .replicate(P, "p:7710", T, 7, vec![msg(1), msg(2), msg(3)], &[])
-            .unwrap();
-        assert_eq!(held, 3);
-        let held = logs
-            .replicate(P, "p:7710", T, 8, vec![msg(4)], &[msg(2).id])
-            .unwrap();
-        assert_eq!(held, 3);
-
-        // A new process finds the copies and the producer's address again.
-        let logs = ReplicaLogs::new(dir.path().join("replicas"));
-        logs.open_existing();
-        let summary = logs.producers();
-        assert_eq!(summary.len(), 1);
-        assert_eq!(
-            (summary[0].address.as_str(), summary[0].copies),
-            ("p:7710", 3)
-        );
-        let all = logs.held(P, T, 0, 0, usize::MAX).unwrap();
-        assert_eq!(ids(&all), [msg(1).id, msg(3).id, msg(4).id]);
-        assert!(
-            all.copies
-                .iter()
-                .all(|(_, m)| m.headers.iter().all(|(k, _)| k != INCARNATION_HEADER))
-        );
-        // The asker's own incarnation is left out.
-        assert_eq!(
-            ids(&logs.held(P, T, 8, 0, usize::MAX).unwrap()),
-            [msg(1).id, msg(3).id]
-        );
-
-        // Releasing after a takeover drops them for good.
-        let offsets: Vec<Offset> = all.copies.iter().map(|(o, _)| *o).collect();
-        logs.release(P, T, &offsets).unwrap();
-        assert!(logs.held(P, T, 0, 0, usize::MAX).unwrap().copies.is_empty());
-        assert!(logs.producers().is_empty());
-    }
-
-    #[test]
-    fn pages_are_bounded_and_resume() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = ReplicaLogs::new(dir.path().to_owned());
-        let copies = (0..10).map(msg).collect();
-        logs.replicate(P, "", T, 1, copies, &[]).unwrap();
-        let mut seen = Vec::new();
-        let mut from = 0;
-        loop {
-            let page = logs.held(P, T, 0, from, 1).unwrap();
-            seen.extend(ids(&page));
-            if !page.more {
-                break;
-            }
-            from = page.next;
-        }
-        let want: Vec<String> = (0..10).map(|i| msg(i).id).collect();
-        assert_eq!(seen, want);
-    }
-
-    #[test]
-    fn names_that_escape_the_folder_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = ReplicaLogs::new(dir.path().to_owned());
-        for bad in ["../x", "ns/..", "nons", "a/b/c"] {
-            assert!(
-                logs.replicate(bad, "", T, 1, vec![msg(1)], &[]).is_err(),
-                "{bad}"
-            );
-            assert!(
-                logs.replicate(P, "", bad, 1, vec![msg(1)], &[]).is_err(),
-                "{bad}"
-            );
-        }
-    }
-}
+#[path = "holder_tests.rs"]
+mod tests;

@@ -10,17 +10,20 @@
 //!   `replicas - 1` answer, the publish fails with UNAVAILABLE naming how many did (as
 //!   Kafka's `min.insync.replicas` with `acks=all`). The message stays in the local log and
 //!   may still be delivered: the client saw no ack, so it is an "attempted" publish.
-//! - **Trims**: when every subscription settled a message, the producer's store reports its
-//!   id (`store/settled_index.rs`) and the replicator tells the replicas to drop copies with
-//!   that id. A producer only ever names ids it holds settled; it never tells a replica to
-//!   drop anything else (no "truncate to offset", no "forget me").
+//! - **Trims** (`trims.rs`): when every subscription settled a message, the producer's store
+//!   reports its id (`store/settled_index.rs`) and the replicator tells the replicas to drop
+//!   copies with that id. When one subscription settled it and another has not yet, it
+//!   reports (subscription, id), and the replica keeps the copy, noting who settled it. A
+//!   producer only ever names ids it holds settled; it never tells a replica to drop
+//!   anything else (no "truncate to offset", no "forget me").
 //! - **Replica storage** (`holder.rs`): one `DiskLog` per (producer, topic) under
 //!   `<data-dir>/replicas/`, fsynced before a `Replicate` is answered.
 //! - **Takeover** (`takeover.rs`, replica side): a replica takes custody of a producer's
 //!   copies when the producer does not answer a probe and either its member record left
 //!   the routing table (after this replica saw it there) or it has not answered for
 //!   `--replica-takeover-after` (default 60 s). Custody means the copies are appended to the
-//!   replica's own log of the topic and delivered by its dispatchers like its own messages.
+//!   replica's own log of the topic and delivered by its dispatchers like its own messages,
+//!   to the subscriptions that had not settled them (as far as the trims told).
 //!   Two replicas of one producer (`replicas: 3`) may both take over: each copy is then
 //!   delivered up to `replicas - 1` times, every time after the first with attempt >= 2.
 //! - **Re-learn** (`replicator.rs`): a producer that starts asks every sidecar what it holds
@@ -31,21 +34,26 @@
 //!   the producer holds the id settled.
 //! - **Handoff** (`handoff.rs`): on SIGTERM, after the drain window, the backlog still
 //!   undelivered is sent with `TakeCustody` to a live peer, which stores it durably before
-//!   answering; only then does the stopping sidecar settle it locally.
+//!   answering; only then does the stopping sidecar settle it locally. Each record carries
+//!   the subscriptions that settled it here, and the peer delivers it to the others only.
 //!
 //! Every custody move goes through [`custody::take_custody`]: messages are stored with the
-//! header [`CUSTODY_HEADER`] naming where they came from, and their first delivery by the
-//! new holder is numbered attempt 2, like a redelivery after a restart.
+//! header [`CUSTODY_HEADER`] naming where they came from, settled at once for the
+//! subscriptions that had settled them ([`Moved::settled_by`]), and their first delivery by
+//! the new holder is numbered attempt 2, like a redelivery after a restart.
 //!
-//! Duplicates these moves can cause, and their bound: a takeover or re-learn redelivers
-//! the messages whose trims had not reached the replica (those acked in the last trim
-//! interval, [`replicator::TRIM_EVERY`]; those acked out of order above the oldest
-//! unsettled one; and those acked while the replica was unreachable, whose trims wait in
-//! the producer's memory and die with it) and the deliveries in flight when the producer
-//! died (at most `maxInFlight` x members per subscription: the consuming sidecars still
-//! hand them to their apps). A takeover of a producer that was only partitioned, not dead,
+//! Duplicates these moves can cause, and their bound, per subscription: a takeover or
+//! re-learn redelivers to a subscription the messages it settled whose trims had not
+//! reached the replica (those settled in the last trim interval, [`replicator::TRIM_EVERY`],
+//! and those settled while the replica was unreachable, whose trims wait in the producer's
+//! memory and die with it; a replica that predates per-subscription trims redelivers every
+//! copy it holds to every subscription) and the deliveries in flight when the producer died
+//! (at most `maxInFlight` x members per subscription: the consuming sidecars still hand
+//! them to their apps). A takeover of a producer that was only partitioned, not dead,
 //! duplicates at most the copies taken over. A handoff duplicates at most the deliveries in
-//! flight when it starts. Each such delivery after the first carries attempt >= 2. The
+//! flight when it starts, whatever other subscriptions still lacked. A message that moves
+//! twice keeps who settled it only as far as the second holder's trims reached its own
+//! replicas. Each such delivery after the first carries attempt >= 2. The
 //! consuming side's `ExactlyOnce` memory is keyed by producer and offset, so it does not
 //! suppress a new holder's redelivery: `ExactlyOnce` subscriptions see these duplicates
 //! too.
@@ -56,10 +64,12 @@
 
 pub mod choose;
 pub mod custody;
+pub mod early;
 pub mod handoff;
 pub mod holder;
 pub mod replicator;
 pub mod takeover;
+pub mod trims;
 
 use ferry_api::proto::v1::PeerMessage;
 
@@ -80,6 +90,42 @@ pub fn to_wire(m: &StoredMessage) -> PeerMessage {
         key_sequence: m.key_sequence,
         ttl_ms: m.ttl_ms,
         delay_ms: m.delay_ms,
+        settled_by: Vec::new(),
+    }
+}
+
+/// A message whose custody moves (handoff, takeover, re-learn), with the subscriptions
+/// that settled it where it comes from: its new holder delivers it to the others only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub message: StoredMessage,
+    pub settled_by: Vec<String>,
+}
+
+impl Moved {
+    /// A message no subscription settled yet (or of a sender that does not say).
+    pub fn unsettled(message: StoredMessage) -> Self {
+        Self {
+            message,
+            settled_by: Vec::new(),
+        }
+    }
+
+    /// Its wire form, with `settled_by`.
+    pub fn to_wire(&self) -> PeerMessage {
+        PeerMessage {
+            settled_by: self.settled_by.clone(),
+            ..to_wire(&self.message)
+        }
+    }
+
+    /// From its wire form.
+    pub fn from_wire(mut m: PeerMessage) -> Self {
+        let settled_by = std::mem::take(&mut m.settled_by);
+        Self {
+            message: from_wire(m),
+            settled_by,
+        }
     }
 }
 

@@ -18,12 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::choose::{self, Candidate, Chooser};
-use super::{custody, from_wire, to_wire};
+use super::trims::{self, Trim};
+use super::{Moved, custody, to_wire};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::log::StoredMessage;
 use crate::metrics::Metrics;
-use crate::store::SettledIds;
+use crate::store::{SettledIds, SettledReport};
 
 /// How long a replica gets to fsync a copy before the next candidate is tried.
 pub const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,18 +49,16 @@ const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// How often a restarted producer asks a sidecar that did not answer yet what it holds.
 const RELEARN_RETRY: Duration = Duration::from_secs(2);
 
-type Settled = (String, Vec<String>);
-
 /// State of the producer side, one per sidecar.
 #[derive(Debug)]
 pub struct Replicator {
     incarnation: u64,
     settled_tx: SettledIds,
-    settled_rx: Mutex<Option<mpsc::UnboundedReceiver<Settled>>>,
+    settled_rx: Mutex<Option<mpsc::UnboundedReceiver<SettledReport>>>,
     /// Replica addresses that hold copies of a topic, as far as this process knows.
     holders: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Trims not yet sent, per (replica address, topic).
-    pending: Mutex<HashMap<(String, String), Vec<String>>>,
+    pending: Mutex<HashMap<(String, String), Vec<Trim>>>,
     /// Replicas that failed to answer, and when.
     suspect: Mutex<HashMap<String, Instant>>,
     /// Replicas with queued trims or holder records that are out of the table, since when.
@@ -223,20 +222,32 @@ impl Replicator {
         });
         for copies in chunks {
             let trims = self.take_pending(addr, topic);
-            let request = ReplicateRequest {
-                producer: engine.identity.producer_id.to_string(),
-                producer_address: engine.identity.advertise.clone(),
-                topic: topic.to_owned(),
-                incarnation: self.incarnation,
-                copies: copies.clone(),
-                settled_ids: trims.clone(),
-            };
+            let request = self.request(engine, topic, copies.clone(), &trims);
             if let Err(e) = self.call(engine, addr, request).await {
                 self.put_back(addr, topic, trims);
                 return Err(e);
             }
         }
         Ok(())
+    }
+
+    fn request(
+        &self,
+        engine: &Engine,
+        topic: &str,
+        copies: Vec<PeerMessage>,
+        trims: &[Trim],
+    ) -> ReplicateRequest {
+        let (settled_ids, settled_by) = trims::to_request(trims);
+        ReplicateRequest {
+            producer: engine.identity.producer_id.to_string(),
+            producer_address: engine.identity.advertise.clone(),
+            topic: topic.to_owned(),
+            incarnation: self.incarnation,
+            copies,
+            settled_ids,
+            settled_by,
+        }
     }
 
     async fn call(&self, engine: &Engine, addr: &str, r: ReplicateRequest) -> Result<(), String> {
@@ -248,7 +259,7 @@ impl Replicator {
         }
     }
 
-    fn take_pending(&self, addr: &str, topic: &str) -> Vec<String> {
+    fn take_pending(&self, addr: &str, topic: &str) -> Vec<Trim> {
         with(&self.pending, |p| {
             p.remove(&(addr.to_owned(), topic.to_owned()))
         })
@@ -256,7 +267,7 @@ impl Replicator {
         .unwrap_or_default()
     }
 
-    fn put_back(&self, addr: &str, topic: &str, mut ids: Vec<String>) {
+    fn put_back(&self, addr: &str, topic: &str, mut ids: Vec<Trim>) {
         if ids.is_empty() {
             return;
         }
@@ -279,10 +290,13 @@ impl Replicator {
         self.pending_trims.set(n as i64);
     }
 
-    /// Queues trims of `ids` for every replica that may hold copies of `topic`: those this
+    /// Queues `trims` for every replica that may hold copies of `topic`: those this
     /// process sent copies to or learned about, and the first candidates in preference
     /// order (which a previous start of this sidecar most likely used).
-    pub fn queue_trims(&self, engine: &Engine, topic: &str, ids: Vec<String>) {
+    pub fn queue_trims(&self, engine: &Engine, topic: &str, trims: Vec<Trim>) {
+        if trims.is_empty() {
+            return;
+        }
         let replicas = engine
             .table()
             .topics
@@ -297,26 +311,19 @@ impl Replicator {
                 .map(|c| c.address),
         );
         for addr in targets {
-            self.put_back(&addr, topic, ids.clone());
+            self.put_back(&addr, topic, trims.clone());
         }
     }
 
     /// Sends every queued trim now; those a replica does not take stay queued.
     pub async fn flush_trims(&self, engine: &Engine) {
-        let pending: Vec<((String, String), Vec<String>)> = with(&self.pending, std::mem::take)
+        let pending: Vec<((String, String), Vec<Trim>)> = with(&self.pending, std::mem::take)
             .unwrap_or_default()
             .into_iter()
             .collect();
         self.count_pending();
         let sends = pending.into_iter().map(|((addr, topic), ids)| async move {
-            let request = ReplicateRequest {
-                producer: engine.identity.producer_id.to_string(),
-                producer_address: engine.identity.advertise.clone(),
-                topic: topic.clone(),
-                incarnation: self.incarnation,
-                copies: Vec::new(),
-                settled_ids: ids.clone(),
-            };
+            let request = self.request(engine, &topic, Vec::new(), &ids);
             if self.is_suspect(&addr) || self.call(engine, &addr, request).await.is_err() {
                 self.put_back(&addr, &topic, ids);
             }
@@ -335,8 +342,9 @@ impl Replicator {
                 _ = tick.tick() => false,
                 _ = stop.cancelled() => true,
             };
-            while let Ok((topic, ids)) = rx.try_recv() {
-                self.queue_trims(&engine, &topic, ids);
+            while let Ok(report) = rx.try_recv() {
+                let topic = report.topic.clone();
+                self.queue_trims(&engine, &topic, trims::from_report(report));
             }
             self.forget_departed(&engine.table());
             if !stopping {
@@ -420,7 +428,7 @@ impl Replicator {
                     }
                     Err(_) => return Err(format!("no answer within {REPLICATE_TIMEOUT:?}")),
                 };
-                copies.extend(page.copies.into_iter().map(from_wire));
+                copies.extend(page.copies.into_iter().map(Moved::from_wire));
                 if !page.more || page.next <= from {
                     break;
                 }
@@ -436,10 +444,10 @@ impl Replicator {
             });
             let store = engine.store(topic).await.map_err(|e| e.to_string())?;
             let mut seen = HashSet::new();
-            copies.retain(|m| seen.insert(m.id.clone()));
-            let ids = copies.iter().map(|m| m.id.clone()).collect();
+            copies.retain(|m| seen.insert(m.message.id.clone()));
+            let ids = copies.iter().map(|m| m.message.id.clone()).collect();
             let held = store.holds(ids).await.map_err(|e| e.to_string())?;
-            let missing: Vec<StoredMessage> = copies
+            let missing: Vec<Moved> = copies
                 .into_iter()
                 .zip(held)
                 .filter(|(_, h)| !h)

@@ -14,8 +14,8 @@ fn table_with(addresses: &[&str]) -> RoutingTable {
     t
 }
 
-fn ids(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("id-{i}")).collect()
+fn ids(n: usize) -> Vec<Trim> {
+    trims::all((0..n).map(|i| format!("id-{i}")))
 }
 
 #[test]
@@ -56,8 +56,8 @@ fn a_replica_that_does_not_answer_keeps_at_most_the_newest_trims() {
     let (gauge, dropped) = (Gauge::default(), Counter::default());
     let r = Replicator::new(1, gauge.clone(), dropped.clone());
     r.put_back("a:1", "ns/t", ids(MAX_PENDING_TRIMS));
-    r.put_back("a:1", "ns/t", vec!["newest".into()]);
+    r.put_back("a:1", "ns/t", trims::all(["newest".to_owned()]));
     assert_eq!(gauge.get(), MAX_PENDING_TRIMS as i64);
     assert_eq!(dropped.get(), 1);
-    assert_eq!(r.take_pending("a:1", "ns/t")[0], "newest");
+    assert_eq!(r.take_pending("a:1", "ns/t")[0], Trim::All("newest".into()));
 }

@@ -3,9 +3,12 @@
 //! the routing table (after this process saw it there) is gone for good, as is one that has
 //! not answered for `--replica-takeover-after` (the only rule for a producer that is in no
 //! group, hence never in the table). A producer that answers keeps custody even when it
-//! left the table (a pod that is only not Ready, or one still handing off on SIGTERM). The replica then takes custody of every copy it holds
-//! for that producer ([`super::custody::take_custody`]) and drops the copies once its own
-//! log holds them durably. A sidecar that is stopping takes nothing over.
+//! left the table (a pod that is only not Ready, or one still handing off on SIGTERM). The
+//! replica then takes custody of every copy it holds for that producer
+//! ([`super::custody::take_custody`]), each settled already for the subscriptions the
+//! producer said had settled it (per-subscription trims), so that only the others receive
+//! it; and drops the copies once its own log holds them durably. A sidecar that is
+//! stopping takes nothing over.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -107,7 +110,8 @@ async fn take_over(engine: &Arc<Engine>, h: &HeldSummary, reason: &str) {
         if copies.is_empty() {
             break;
         }
-        let (offsets, messages): (Vec<_>, Vec<_>) = copies.into_iter().unzip();
+        let (offsets, messages): (Vec<_>, Vec<_>) =
+            copies.into_iter().map(|c| (c.offset, c.moved)).unzip();
         let n = messages.len() as u64;
         if let Err(e) = take_custody(engine, &h.topic, &h.producer, messages).await {
             tracing::error!(producer = %h.producer, topic = %h.topic, error = %e, "taking custody failed; will retry");

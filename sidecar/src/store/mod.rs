@@ -61,6 +61,10 @@ pub struct AppendItem {
     /// Stored even if its id is in the dedup window: a producer re-learning messages it
     /// lost cannot trust a window that may name records the log no longer has.
     pub bypass_dedup: bool,
+    /// Subscriptions that settled the message where it comes from (a custody move): it is
+    /// settled for them in the round that stores it, before any dispatcher can read it, so
+    /// that only the others receive it.
+    pub settled_by: Vec<String>,
 }
 
 /// What happened to one appended message.
@@ -189,9 +193,29 @@ pub(crate) enum Command {
     },
 }
 
-/// Where a `Replicated` topic's store reports ids that every subscription settled, as
-/// `(topic, ids)`, so that the replicator tells the replicas to drop their copies.
-pub type SettledIds = tokio::sync::mpsc::UnboundedSender<(String, Vec<String>)>;
+/// What a `Replicated` topic's store reports as settled, for the replicas.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettledReport {
+    /// `namespace/name`.
+    pub topic: String,
+    /// Ids every subscription settled: the replicas drop their copies.
+    pub ids: Vec<String>,
+    /// Ids that one subscription settled while another has not yet: the replicas keep the
+    /// copy and remember who settled it, so that a takeover delivers it to the others only.
+    pub by_subscription: Vec<(Arc<str>, String)>,
+}
+
+/// Where a `Replicated` topic's store reports what became settled, so that the replicator
+/// tells the replicas (trims).
+pub type SettledIds = tokio::sync::mpsc::UnboundedSender<SettledReport>;
+
+/// A record some subscription has not settled, with the subscriptions that have.
+#[derive(Debug, Clone)]
+pub struct UnsettledRecord {
+    pub offset: Offset,
+    pub message: StoredMessage,
+    pub settled_by: Vec<Arc<str>>,
+}
 
 /// Settings of a store that do not come from the topic entry.
 #[derive(Debug, Clone)]
@@ -461,13 +485,15 @@ impl TopicStore {
         rx.await.map_err(|_| self.stopped())
     }
 
-    /// Every record some subscription in `subscriptions` has not settled, in offset order
-    /// (what a stopping sidecar hands to a peer).
+    /// Every record some subscription in `subscriptions` has not settled, in offset order,
+    /// each with those of `subscriptions` that have (what a stopping sidecar hands to a
+    /// peer: the peer delivers it to the others only).
     pub async fn unsettled(
         &self,
         subscriptions: &[Arc<str>],
-    ) -> Result<Vec<(Offset, StoredMessage)>, Error> {
-        let mut all = std::collections::BTreeMap::new();
+    ) -> Result<Vec<UnsettledRecord>, Error> {
+        let mut all: std::collections::BTreeMap<Offset, (StoredMessage, Vec<&Arc<str>>)> =
+            std::collections::BTreeMap::new();
         let written = *self.written.borrow();
         for sub in subscriptions {
             let mut from = self.cursor(sub.clone()).await?.unwrap_or(0);
@@ -477,10 +503,19 @@ impl TopicStore {
                     break;
                 }
                 from = batch.next;
-                all.extend(batch.records);
+                for (o, m) in batch.records {
+                    all.entry(o).or_insert_with(|| (m, Vec::new())).1.push(sub);
+                }
             }
         }
-        Ok(all.into_iter().collect())
+        Ok(all
+            .into_iter()
+            .map(|(offset, (message, needed_by))| UnsettledRecord {
+                offset,
+                message,
+                settled_by: settled_by(subscriptions, &needed_by),
+            })
+            .collect())
     }
 
     /// Watches the offset below which records may be delivered: the high watermark (see
@@ -509,4 +544,12 @@ impl TopicStore {
             }
         }
     }
+}
+
+/// The subscriptions of `all` that are not in `needed_by`.
+fn settled_by(all: &[Arc<str>], needed_by: &[&Arc<str>]) -> Vec<Arc<str>> {
+    all.iter()
+        .filter(|s| !needed_by.contains(s))
+        .cloned()
+        .collect()
 }

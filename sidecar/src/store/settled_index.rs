@@ -4,16 +4,19 @@
 //! restarted producer comparing its log with what its replicas hold).
 //!
 //! Ids are reported when `acknowledged()` passes them, and also at once when a settlement
-//! completes a record above it (out-of-order acks). A report lost to a crash only means a
-//! replica keeps a copy that a later takeover or re-learn may deliver again: a duplicate,
-//! never a loss.
+//! completes a record above it (out-of-order acks). A settlement by one subscription of a
+//! record that others have not settled yet is reported as (subscription, id), so that a
+//! replica's takeover delivers it to the others only. A report lost to a crash only means
+//! a replica keeps a copy (or a subscription's claim on it) that a later takeover or
+//! re-learn may deliver again: a duplicate, never a loss.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use ferry_api::crd::Durability;
 use ferry_api::routing::TopicEntry;
 
-use super::{SettledIds, StoreOptions};
+use super::{SettledIds, SettledReport, StoreOptions};
 use crate::log::{Log, Offset};
 
 #[derive(Debug)]
@@ -63,9 +66,15 @@ impl SettledIndex {
         }
     }
 
-    /// Reports the ids that every subscription has settled: those below `acknowledged()`
-    /// and those of `touched` (offsets settled in this round) that are complete.
-    pub(super) fn settled(&mut self, log: &dyn Log, subs: &[String], touched: &[Offset]) {
+    /// Reports the ids that every subscription has settled (those below `acknowledged()`
+    /// and those of `touched`, the settlements of this round, that are complete), and for
+    /// the other records of `touched` which subscription settled them.
+    pub(super) fn settled(
+        &mut self,
+        log: &dyn Log,
+        subs: &[String],
+        touched: &[(Arc<str>, Offset)],
+    ) {
         if subs.is_empty() {
             return;
         }
@@ -73,13 +82,24 @@ impl SettledIndex {
         let mut done: Vec<String> = std::mem::replace(&mut self.ids, above)
             .into_values()
             .collect();
-        for o in touched {
-            if self.ids.contains_key(o) && subs.iter().all(|s| log.is_settled(s, *o)) {
-                done.extend(self.ids.remove(o));
+        let mut by_subscription = Vec::new();
+        for (sub, o) in touched {
+            let Some(id) = self.ids.get(o) else {
+                continue;
+            };
+            if subs.iter().all(|s| log.is_settled(s, *o)) {
+                done.push(id.clone());
+                self.ids.remove(o);
+            } else if log.is_settled(sub, *o) {
+                by_subscription.push((sub.clone(), id.clone()));
             }
         }
-        if !done.is_empty() {
-            let _ = self.tx.send((self.topic.clone(), done));
+        if !done.is_empty() || !by_subscription.is_empty() {
+            let _ = self.tx.send(SettledReport {
+                topic: self.topic.clone(),
+                ids: done,
+                by_subscription,
+            });
         }
     }
 

@@ -35,6 +35,7 @@ fn items(ids: &[u64]) -> Vec<AppendItem> {
             message: msg(*i),
             delivered: None,
             bypass_dedup: false,
+            settled_by: Vec::new(),
         })
         .collect()
 }
@@ -108,6 +109,7 @@ async fn delivered_waiter_fires_when_every_subscription_settled() {
             message: msg(1),
             delivered: Some(tx),
             bypass_dedup: false,
+            settled_by: Vec::new(),
         }])
         .unwrap()
         .await
@@ -166,6 +168,7 @@ async fn ordered_topics_number_messages_per_key() {
             message: x,
             delivered: None,
             bypass_dedup: false,
+            settled_by: Vec::new(),
         });
     }
     s.append(m).unwrap().await.unwrap().unwrap();
@@ -186,7 +189,8 @@ async fn replicated_store_reports_settled_ids_and_what_it_holds() {
     let held = s.holds(vec![msg(0).id, msg(9).id]).await.unwrap();
     assert_eq!(held, [true, false]);
 
-    // Offset 2 settled by both (out of order), offset 0 by one only: only 2 is reported.
+    // Offset 2 settled by both (out of order), offset 0 by one only: 2 is reported
+    // settled, 0 settled by ns/a.
     let settle = |o: u64, sub: &str| (Arc::<str>::from(sub), o, Settlement::Acked);
     s.settle(vec![
         settle(2, "ns/a"),
@@ -194,13 +198,21 @@ async fn replicated_store_reports_settled_ids_and_what_it_holds() {
         settle(0, "ns/a"),
     ]);
     s.flush().await.unwrap();
-    let (topic, ids) = rx.recv().await.unwrap();
-    assert_eq!((topic.as_str(), ids), ("ns/t", vec![msg(2).id]));
+    let report = rx.recv().await.unwrap();
+    assert_eq!(
+        report,
+        SettledReport {
+            topic: "ns/t".into(),
+            ids: vec![msg(2).id],
+            by_subscription: vec![(Arc::from("ns/a"), msg(0).id)],
+        }
+    );
     // Offset 0 completes: reported once acknowledged passes it.
     s.settle(vec![settle(0, "ns/b")]);
     s.flush().await.unwrap();
-    let (_, ids) = rx.recv().await.unwrap();
-    assert_eq!(ids, [msg(0).id]);
+    let report = rx.recv().await.unwrap();
+    assert_eq!(report.ids, [msg(0).id]);
+    assert!(report.by_subscription.is_empty(), "{report:?}");
     // Settled ids are still "held": the dedup window remembers that this log stored them,
     // so a re-learn does not take them back (and deliver them twice).
     assert_eq!(
@@ -233,4 +245,50 @@ async fn bypassing_dedup_stores_a_remembered_id_again() {
     again[0].bypass_dedup = true;
     let out = s.append(again).unwrap().await.unwrap().unwrap();
     assert_eq!(out, [AppendOutcome::Stored(1)]);
+}
+
+/// A custody move stores a record settled already for the subscriptions that settled it
+/// where it came from: only the others read it, and a `Replicated` topic reports who
+/// settled it for its replicas.
+#[tokio::test]
+async fn an_append_settled_by_some_subscriptions_is_read_by_the_others_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut o = opts();
+    o.settled_ids = Some(tx);
+    let s = TopicStore::open(&entry(Durability::Replicated), dir.path(), &o).unwrap();
+    s.set_subscriptions(vec!["ns/a".into(), "ns/b".into()]);
+    let mut moved = items(&[0, 1]);
+    moved[0].settled_by = vec!["ns/a".into(), "ns/gone".into()];
+    s.append(moved).unwrap().await.unwrap().unwrap();
+    let read = |sub: &str| {
+        let sub = Arc::from(sub);
+        let s = &s;
+        async move {
+            let batch = s.read(sub, 0, 10).await.unwrap();
+            batch
+                .records
+                .into_iter()
+                .map(|(o, _)| o)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(read("ns/a").await, [1]);
+    assert_eq!(read("ns/b").await, [0, 1]);
+    let report = rx.recv().await.unwrap();
+    assert_eq!(report.by_subscription, [(Arc::from("ns/a"), msg(0).id)]);
+    assert!(report.ids.is_empty(), "{report:?}");
+
+    // What a stopping sidecar hands off: each record with who settled it.
+    let subs = [Arc::<str>::from("ns/a"), Arc::from("ns/b")];
+    s.settle(vec![(Arc::from("ns/b"), 1, Settlement::Acked)]);
+    let unsettled = s.unsettled(&subs).await.unwrap();
+    let got: Vec<(u64, Vec<Arc<str>>)> = unsettled
+        .into_iter()
+        .map(|u| (u.offset, u.settled_by))
+        .collect();
+    assert_eq!(
+        got,
+        [(0, vec![Arc::from("ns/a")]), (1, vec![Arc::from("ns/b")])]
+    );
 }

@@ -81,6 +81,8 @@ pub(super) struct StoreThread {
     /// Offsets whose publish was refused after they were stored (copies not made); settled
     /// for every subscription, and skipped by reads until `acknowledged()` passes them.
     refused: BTreeSet<Offset>,
+    /// Settlements made by this round's appends (custody moves), for `settled_index`.
+    presettled: Vec<(Arc<str>, Offset)>,
 }
 
 impl StoreThread {
@@ -114,6 +116,7 @@ impl StoreThread {
             visible: 0,
             held: BTreeSet::new(),
             refused: BTreeSet::new(),
+            presettled: Vec::new(),
         };
         s.visible = s.log.written();
         s.settled_index = SettledIndex::for_topic(entry, s.log.as_ref(), options);
@@ -162,14 +165,18 @@ impl StoreThread {
                 } => {
                     if !replicated {
                         settled_any = true;
-                        touched.extend(offsets.iter().copied());
+                        // Settled for every subscription by `release`.
+                        for sub in &self.subscriptions {
+                            let sub: Arc<str> = Arc::from(sub.as_str());
+                            touched.extend(offsets.iter().map(|o| (sub.clone(), *o)));
+                        }
                     }
                     self.release(offsets, replicated);
                 }
                 Command::Settle(items) => {
                     settled_any |= !items.is_empty();
                     if self.settled_index.is_some() {
-                        touched.extend(items.iter().map(|(_, o, _)| *o));
+                        touched.extend(items.iter().map(|(s, o, _)| (s.clone(), *o)));
                     }
                     self.settle(items);
                 }
@@ -204,6 +211,10 @@ impl StoreThread {
         } else {
             Vec::new()
         };
+        if !self.presettled.is_empty() {
+            settled_any = true;
+            touched.append(&mut self.presettled);
+        }
         let must_sync = match self.durability {
             Durability::Memory => false,
             Durability::Disk | Durability::Replicated => {

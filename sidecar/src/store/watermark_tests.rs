@@ -107,6 +107,7 @@ fn items(ids: &[u64]) -> Vec<AppendItem> {
             message: msg(*i),
             delivered: None,
             bypass_dedup: false,
+            settled_by: Vec::new(),
         })
         .collect()
 }

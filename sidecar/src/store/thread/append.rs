@@ -2,6 +2,7 @@
 //! sequence numbers, then one log append for the whole round (its fsync follows in `round`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_api::crd::Durability;
@@ -10,7 +11,7 @@ use tokio::sync::oneshot;
 use super::StoreThread;
 use crate::error::Error;
 use crate::log::record::message_record_len;
-use crate::log::{LogError, Offset};
+use crate::log::{LogError, Offset, Settlement};
 use crate::store::Answer;
 use crate::store::{AppendItem, AppendOutcome};
 
@@ -35,6 +36,8 @@ impl StoreThread {
         let mut highest_key_sequence = 0;
         let mut accepted = Vec::new();
         let mut out = Vec::new();
+        // Custody moves: (offset, subscriptions that settled it where it came from).
+        let mut presettled: Vec<(Offset, Vec<String>)> = Vec::new();
         for (items, reply) in requests {
             let bytes: u64 = items
                 .iter()
@@ -82,6 +85,9 @@ impl StoreThread {
                     message.key_sequence = seq;
                 }
                 batch.push(message);
+                if !item.settled_by.is_empty() {
+                    presettled.push((offset, item.settled_by));
+                }
                 if let Some(tx) = item.delivered {
                     waiters.push((offset, tx));
                 }
@@ -109,6 +115,7 @@ impl StoreThread {
         match self.log.append(&batch) {
             Ok(range) if range.start == base => {
                 self.dirty = true;
+                self.presettle(presettled);
                 if let Some(index) = &mut self.settled_index {
                     index.appended(base, batch.iter().map(|m| m.id.as_str()));
                 }
@@ -159,6 +166,27 @@ impl StoreThread {
             }
         }
         out
+    }
+}
+
+impl StoreThread {
+    /// Settles records just appended for the subscriptions that settled them before their
+    /// custody moved here: in the same round, so that no read can hand them to those.
+    /// A subscription this log does not know is skipped.
+    fn presettle(&mut self, presettled: Vec<(Offset, Vec<String>)>) {
+        for (offset, subs) in presettled {
+            for sub in subs {
+                match self.log.settle(&sub, offset, Settlement::Dropped) {
+                    Ok(()) if self.settled_index.is_some() => {
+                        self.presettled.push((Arc::from(sub), offset));
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::debug!(topic = %self.topic, subscription = %sub, offset, error = %e, "not settled for a subscription this log does not know");
+                    }
+                }
+            }
+        }
     }
 }
 
