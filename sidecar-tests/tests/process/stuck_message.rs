@@ -1,0 +1,188 @@
+//! Issue #10 item 1: one stuck message must not block a topic.
+//!
+//! - **Backlog**: a `Disk` topic limited to `retention.maxBytes: 1Mi`, one subscription
+//!   whose app acks everything but nacks one message with a 10-minute delay. Well over
+//!   1 MiB of acked messages later, every publish is still accepted (refused = 0) and every
+//!   acked message is delivered: the backlog counts what is unsettled (one small record),
+//!   not every byte written after the stuck one.
+//! - **Window**: more than 8,192 messages published with a 10-minute delay are held by the
+//!   producer's dispatcher; undelayed messages published after them are still delivered at
+//!   once, and no delayed one is delivered early.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ferry_sidecar_tests::harness::{Behavior, TestMesh, spawn_consumer, wait_for};
+use ferry_sidecar_tests::history::History;
+use ferryctl::client::App;
+use ferry_api::proto::v1::PublishRequest;
+use tokio::time::Instant;
+
+use super::common::{RUN_LIMIT, drain_orders, orders_mesh};
+use super::durable_app::publish_with;
+
+/// How long the stuck message (and the delayed ones) are held back.
+const TEN_MINUTES_MS: u64 = 600_000;
+/// Publishes in flight at once (so that group commit batches them).
+const CONCURRENCY: usize = 8;
+
+/// Publishes `ids` to `default/orders` from the `producer` pod, `CONCURRENCY` at a time,
+/// each request shaped by `tweak`; returns the refused ones with their status.
+async fn publish_all(
+    mesh: &TestMesh,
+    history: &History,
+    ids: Vec<String>,
+    tweak: fn(&mut PublishRequest),
+) -> anyhow::Result<Vec<(String, tonic::Status)>> {
+    let app: App = mesh.app("producer").await?;
+    let chunk = ids.len().div_ceil(CONCURRENCY).max(1);
+    let mut tasks = Vec::new();
+    for part in ids.chunks(chunk) {
+        let (mut app, history, part) = (app.clone(), history.clone(), part.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut refused = Vec::new();
+            for id in part {
+                if let Err(status) = publish_with(&mut app, &history, "default/orders", &id, tweak).await
+                {
+                    refused.push((id, status));
+                }
+            }
+            refused
+        }));
+    }
+    let mut refused = Vec::new();
+    for t in tasks {
+        refused.extend(t.await?);
+    }
+    Ok(refused)
+}
+
+fn small(r: &mut PublishRequest) {
+    r.payload = vec![b'p'; 100].into();
+}
+
+fn stuck(r: &mut PublishRequest) {
+    r.key = Some("stuck".into());
+    r.payload = b"stuck!".to_vec().into();
+}
+
+fn delayed(r: &mut PublishRequest) {
+    r.delay_ms = TEN_MINUTES_MS;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_stuck_message_does_not_fill_the_backlog() -> anyhow::Result<()> {
+    let mesh = orders_mesh(
+        "durability: Disk, retention: {maxBytes: 1Mi}",
+        "ackWait: 30s",
+    )
+    .await?;
+    let history = History::default();
+    let consumer = spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        &history,
+        Behavior::NackKey("stuck", TEN_MINUTES_MS),
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+
+    // The stuck message first, nacked for ten minutes before the rest is published.
+    let refused_stuck = publish_all(&mesh, &history, vec!["stuck".into()], stuck).await?;
+    assert!(refused_stuck.is_empty(), "{refused_stuck:?}");
+    wait_for(Duration::from_secs(30), "the stuck message delivered", || {
+        history.deliveries_to("billing").iter().any(|d| d.message_id == "stuck")
+    })
+    .await?;
+
+    // ~12,000 records of ~190 bytes: over 2 MiB, twice the limit.
+    let ids: Vec<String> = (0..12_000).map(|i| format!("after-stuck-{i:05}")).collect();
+    let refused = publish_all(&mesh, &history, ids, small).await?;
+    let first = refused.first().map(|(id, s)| format!("{id}: {:?} {}", s.code(), s.message()));
+    let c = drain_orders(&history, Duration::from_secs(120), "stuck_message").await;
+    let c = c.unwrap_or_else(|e| {
+        println!("stuck_message: {e}");
+        history.check(&[ferry_sidecar_tests::history::Expect::AnyMember {
+            group: "billing".into(),
+            topic: "default/orders".into(),
+            check_order: false,
+        }])
+    });
+    println!(
+        "stuck_message: acked={} delivered={} lost={} duplicated={} refused={} (first refusal: {first:?})",
+        c.acked,
+        c.deliveries,
+        c.lost,
+        c.duplicated,
+        refused.len()
+    );
+    assert_eq!(refused.len(), 0, "publishes refused: first {first:?}");
+    assert_eq!((c.lost, c.unexpected), (0, 0), "{c}");
+    assert_eq!(c.acked, 12_001, "{c}");
+    consumer.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delayed_messages_do_not_hold_up_later_ones() -> anyhow::Result<()> {
+    const DELAYED: usize = 8_500;
+    const PROMPT: usize = 200;
+    let mesh = orders_mesh("durability: Disk", "ackWait: 30s").await?;
+    let history = History::default();
+    let consumer = spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        &history,
+        Behavior::Ack,
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+
+    let delayed_ids: Vec<String> = (0..DELAYED).map(|i| format!("delayed-{i:05}")).collect();
+    let mut refused = publish_all(&mesh, &history, delayed_ids, delayed).await?;
+    let prompt_ids: Vec<String> = (0..PROMPT).map(|i| format!("prompt-{i:05}")).collect();
+    refused.extend(publish_all(&mesh, &history, prompt_ids.clone(), small).await?);
+
+    let wanted: BTreeSet<String> = prompt_ids.into_iter().collect();
+    let delivered_prompt = || {
+        history
+            .deliveries_to("billing")
+            .into_iter()
+            .filter(|d| wanted.contains(&d.message_id))
+            .map(|d| d.message_id)
+            .collect::<BTreeSet<_>>()
+    };
+    let waited = wait_for(
+        Duration::from_secs(60),
+        "every undelayed message delivered",
+        || delivered_prompt().len() == wanted.len(),
+    )
+    .await;
+    let deliveries = history.deliveries_to("billing");
+    let early = deliveries
+        .iter()
+        .filter(|d| d.message_id.starts_with("delayed-"))
+        .count();
+    let got = delivered_prompt();
+    let duplicated = deliveries
+        .iter()
+        .filter(|d| wanted.contains(&d.message_id))
+        .count()
+        - got.len();
+    println!(
+        "stuck_message window: acked={} delivered={} lost={} duplicated={duplicated} refused={} (delayed delivered early: {early})",
+        history.acked_ids().len(),
+        deliveries.len(),
+        wanted.len() - got.len(),
+        refused.len()
+    );
+    assert!(refused.is_empty(), "refused: {:?}", refused.first());
+    waited?;
+    assert_eq!(early, 0, "delayed messages delivered before their delay");
+    consumer.abort();
+    Ok(())
+}
