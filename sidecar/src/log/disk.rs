@@ -10,6 +10,12 @@
 //!   "fsyncgate"; docs/reliability.md row 10). Restarting re-reads what is really on disk.
 //! - A batch never straddles segments: the roll happens before it, so an append is all or
 //!   nothing. A segment can therefore exceed `segment_bytes` by up to one batch.
+//! - The backlog is the bytes of records some subscription has not settled, counted per
+//!   segment (`live`) as records are appended and settled, wherever they sit: one stuck
+//!   record counts its own bytes, not those of everything after it.
+//! - Compaction (`compaction.rs`) deletes the oldest segments once they hold nothing live,
+//!   or once the few records left in them are held back while consumers moved on; those
+//!   are carried forward into `relocated.dat` (`relocated.rs`) with their offsets.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -19,9 +25,10 @@ use std::sync::Mutex;
 use super::io::{io_err, sync_dir};
 use super::reaper::Reaper;
 use super::record::{self, message_record_len};
-use super::recovery::{self, Recovered, RecoveryReport};
+use super::recovery::{self, CorruptRegion, Recovered, RecoveryReport};
+use super::relocated::Relocated;
 use super::segment::{ActiveSegment, CUT_BACK, SealedSegment};
-use super::settlement::Settlements;
+use super::settlement::{Settled, Settlements};
 use super::settlement_store::SettlementStore;
 use super::{Log, LogError, Offset, Settlement, StoredMessage};
 
@@ -34,8 +41,8 @@ pub struct DiskLogConfig {
     /// Largest record, header included. Clamped to 1 KiB ..= 64 MiB. The default leaves
     /// room for the largest payload the API accepts (4 MiB) plus id, key and headers.
     pub max_record_bytes: u32,
-    /// The topic's `retention.maxBytes`: appends that would push the backlog (bytes not yet
-    /// settled by every subscription) past it fail with `LogError::BacklogFull`.
+    /// The topic's `retention.maxBytes`: appends that would push the backlog (bytes of the
+    /// records some subscription has not settled) past it fail with `LogError::BacklogFull`.
     pub max_backlog_bytes: Option<u64>,
 }
 
@@ -52,12 +59,14 @@ impl Default for DiskLogConfig {
 /// A durable, segmented log in one directory. See the module documentation.
 #[derive(Debug)]
 pub struct DiskLog {
-    dir: PathBuf,
-    config: DiskLogConfig,
-    sealed: BTreeMap<Offset, SealedSegment>,
-    active: ActiveSegment,
-    settlements: Settlements,
-    store: SettlementStore,
+    pub(super) dir: PathBuf,
+    pub(super) config: DiskLogConfig,
+    pub(super) sealed: BTreeMap<Offset, SealedSegment>,
+    pub(super) active: ActiveSegment,
+    /// Unsettled records of deleted segments, carried forward by compaction.
+    pub(super) relocated: Relocated,
+    pub(super) settlements: Settlements,
+    pub(super) store: SettlementStore,
     durable: Offset,
     poisoned: bool,
     /// Offsets whose records failed verification on read (after open); merged into
@@ -67,7 +76,7 @@ pub struct DiskLog {
     batch: Vec<u8>,
     starts: Vec<u32>,
     /// Deletes settled segment files off the appending thread (`reaper.rs`).
-    reaper: Reaper,
+    pub(super) reaper: Reaper,
 }
 
 impl DiskLog {
@@ -97,11 +106,27 @@ impl DiskLog {
             active,
             mut report,
         } = recovery::recover_segments(&dir, max_len)?;
-        let first = sealed.keys().next().copied().unwrap_or(active.base());
+        let dense_first = sealed.keys().next().copied().unwrap_or(active.base());
+        let (mut relocated, moved) = Relocated::open(&dir, max_len)?;
+        relocated.retain_below(dense_first);
+        report.relocated_truncated_bytes = moved.truncated_bytes;
+        report.relocated_corrupt_regions = moved.corrupt_regions;
+        let first = relocated.first().map_or(dense_first, |r| r.min(dense_first));
         let mut settlements = Settlements::new(first);
         let (store, replay) = SettlementStore::open(&dir, &mut settlements, active.next())?;
         report.settlement_truncated_bytes = replay.truncated_bytes;
         report.settlement_corrupt_records = replay.corrupt_records;
+        for missing in missing_relocated(&settlements, &relocated, dense_first) {
+            tracing::error!(lost = ?missing, path = %relocated.path().display(),
+                "unsettled records carried forward by compaction are missing; reported lost");
+            report.corrupt.push(CorruptRegion {
+                path: relocated.path().to_path_buf(),
+                position: 0,
+                bytes: 0,
+                lost: missing,
+                reason: "an unsettled record carried forward by compaction is missing".into(),
+            });
+        }
         settlements.advance_all_to(first);
         for range in report.lost() {
             settlements.mark_lost(range);
@@ -109,11 +134,12 @@ impl DiskLog {
         let durable = active.next();
         let reaper = Reaper::start(&dir.file_name().unwrap_or_default().to_string_lossy())
             .map_err(io_err("start the segment reaper", &dir))?;
-        let log = Self {
+        let mut log = Self {
             dir,
             config,
             sealed,
             active,
+            relocated,
             settlements,
             store,
             durable,
@@ -123,6 +149,7 @@ impl DiskLog {
             batch: Vec::new(),
             starts: Vec::new(),
         };
+        log.recount();
         Ok((log, report))
     }
 
@@ -151,7 +178,7 @@ impl DiskLog {
 
     /// Poisons the log if `e` is an fsync failure (or a failed write that could not be cut
     /// back), then passes `e` on.
-    fn fail(&mut self, e: LogError) -> LogError {
+    pub(super) fn fail(&mut self, e: LogError) -> LogError {
         let poisons = ["fsync", "fsync directory", CUT_BACK];
         if matches!(&e, LogError::Io { op, .. } if poisons.contains(op)) {
             tracing::error!(error = %e, "the log is poisoned until restart");
@@ -167,8 +194,69 @@ impl DiskLog {
             Err(poisoned) => std::mem::take(poisoned.into_inner()),
         };
         for offset in lost {
+            if !self.settlements.settled_by_all(offset) {
+                self.discount(offset);
+            }
             self.settlements.mark_lost(offset..offset + 1);
         }
+    }
+
+    /// Takes the record at `offset` out of the backlog: every subscription settled it (or
+    /// it is lost).
+    pub(super) fn discount(&mut self, offset: Offset) {
+        if offset < self.dense_first() {
+            if let Some(len) = self.relocated.record_len(offset) {
+                let live = self.relocated.live().saturating_sub(len);
+                self.relocated.set_live(live);
+            }
+        } else if offset >= self.active.base() {
+            if let Some(len) = self.active.record_len(offset) {
+                let live = self.active.live().saturating_sub(len);
+                self.active.set_live(live);
+            }
+        } else if let Some((_, seg)) = self.sealed.range_mut(..=offset).next_back()
+            && let Some(len) = seg.record_len(offset)
+        {
+            let live = seg.live().saturating_sub(len);
+            seg.set_live(live);
+        }
+    }
+
+    /// Recomputes every `live` count from the settlement state: after opening, and when
+    /// the subscriptions changed (a new one holds what the others settled; a removed one
+    /// held what only it had not). Walks the records above `acknowledged()` once.
+    pub(super) fn recount(&mut self) {
+        let ack = self.acknowledged();
+        let s = &self.settlements;
+        let count = |from: Offset, to: Offset, len: &dyn Fn(Offset) -> Option<u64>| -> u64 {
+            (from.max(ack)..to)
+                .filter(|o| !s.settled_by_all(*o))
+                .filter_map(len)
+                .sum()
+        };
+        let relocated: u64 = self
+            .relocated
+            .offsets()
+            .filter(|o| !s.settled_by_all(*o))
+            .filter_map(|o| self.relocated.record_len(o))
+            .sum();
+        self.relocated.set_live(relocated);
+        for seg in self.sealed.values_mut() {
+            let live = count(seg.base(), seg.next(), &|o| seg.record_len(o));
+            seg.set_live(live);
+        }
+        let active = &self.active;
+        let live = count(active.base(), active.next(), &|o| active.record_len(o));
+        self.active.set_live(live);
+    }
+
+    /// Base of the oldest segment on disk (relocated records are all below it).
+    pub(super) fn dense_first(&self) -> Offset {
+        self.sealed
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.active.base())
     }
 
     fn read_lost_snapshot(&self) -> Vec<Offset> {
@@ -179,7 +267,7 @@ impl DiskLog {
     }
 
     /// Seals the active segment and starts a new one at the next offset.
-    fn roll(&mut self) -> Result<(), LogError> {
+    pub(super) fn roll(&mut self) -> Result<(), LogError> {
         self.active.sync().map_err(|e| self.fail(e))?;
         self.durable = self.active.next();
         let fresh = ActiveSegment::create(&self.dir, self.active.next())?;
@@ -230,6 +318,8 @@ impl Log for DiskLog {
         self.active
             .append(&self.batch, &self.starts)
             .map_err(|e| self.fail(e))?;
+        let live = self.active.live() + total;
+        self.active.set_live(live);
         if self.batch.capacity() > 4 * self.config.segment_bytes.min(16 << 20) as usize {
             self.batch = Vec::new(); // don't keep a huge one-off batch buffer around
         }
@@ -259,6 +349,11 @@ impl Log for DiskLog {
         let skip = |o: Offset| self.settlements.settled_by_all(o) || read_lost.contains(&o);
         let max_len = self.config.max_record_bytes - 8;
         let mut raw = Vec::new();
+        let dense_first = self.dense_first();
+        if start < dense_first {
+            self.relocated
+                .read(start, dense_first, max, &skip, max_len, &mut raw)?;
+        }
         let from_base = self
             .sealed
             .range(..=start)
@@ -308,7 +403,11 @@ impl Log for DiskLog {
                 next,
             });
         }
-        if self.settlements.settle(subscription, offset)? {
+        let settled = self.settlements.settle(subscription, offset)?;
+        if settled == Settled::NowByAll {
+            self.discount(offset);
+        }
+        if settled.is_new() {
             self.store.settle(subscription, offset, how)?;
         }
         Ok(())
@@ -321,9 +420,11 @@ impl Log for DiskLog {
     fn set_subscriptions(&mut self, subscriptions: &[String]) -> Result<(), LogError> {
         self.check_poisoned()?;
         let ack = self.acknowledged();
+        let mut changed = false;
         for name in subscriptions {
             if self.settlements.register(name, ack) {
                 self.store.subscribe(name, ack)?;
+                changed = true;
             }
         }
         let stale: Vec<String> = self
@@ -335,6 +436,10 @@ impl Log for DiskLog {
         for name in stale {
             self.settlements.unregister(&name);
             self.store.unsubscribe(&name)?;
+            changed = true;
+        }
+        if changed {
+            self.recount();
         }
         Ok(())
     }
@@ -342,27 +447,7 @@ impl Log for DiskLog {
     fn compact(&mut self) -> Result<u64, LogError> {
         self.check_poisoned()?;
         self.merge_read_lost();
-        let ack = self.acknowledged();
-        let mut freed = 0;
-        if self.sealed.values().next().is_some_and(|s| s.next() <= ack) {
-            // Settlements first: never delete data whose settlement could still be lost.
-            self.store.sync().map_err(|e| self.fail(e))?;
-        }
-        while let Some(entry) = self.sealed.first_entry() {
-            if entry.get().next() > ack {
-                break;
-            }
-            let segment = entry.remove();
-            freed += segment.file_size();
-            tracing::debug!(path = %segment.path().display(), "deleting settled segment");
-            self.reaper.delete(segment.path().to_path_buf());
-        }
-        if self.store.wants_rewrite(&self.settlements) {
-            self.store
-                .rewrite(&self.settlements)
-                .map_err(|e| self.fail(e))?;
-        }
-        Ok(freed)
+        self.compact_segments()
     }
 
     fn written(&self) -> Offset {
@@ -378,25 +463,14 @@ impl Log for DiskLog {
     }
 
     fn backlog_bytes(&self) -> u64 {
-        let start = self.acknowledged();
-        let from_base = self
-            .sealed
-            .range(..=start)
-            .next_back()
-            .map_or(start, |(b, _)| *b);
-        self.sealed
-            .range(from_base..)
-            .map(|(_, s)| s.bytes_from(start))
-            .sum::<u64>()
-            + self.active.bytes_from(start)
+        self.sealed.values().map(SealedSegment::live).sum::<u64>()
+            + self.active.live()
+            + self.relocated.live()
     }
 
     fn first(&self) -> Offset {
-        self.sealed
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(self.active.base())
+        let dense = self.dense_first();
+        self.relocated.first().map_or(dense, |r| r.min(dense))
     }
 
     fn cursor(&self, subscription: &str) -> Option<Offset> {
@@ -425,4 +499,37 @@ impl Log for DiskLog {
         lost.sort_by_key(|r| r.start);
         lost
     }
+}
+
+/// Offsets below the first segment that some subscription has not settled but that no
+/// relocated record holds: compaction carried them forward, and their copy did not survive.
+fn missing_relocated(
+    settlements: &Settlements,
+    relocated: &Relocated,
+    dense_first: Offset,
+) -> Vec<Range<Offset>> {
+    // Before `advance_all_to`: the cursors as the settlement file left them.
+    let Some(ack) = settlements.min_cursor().filter(|c| *c < dense_first) else {
+        return Vec::new();
+    };
+    let mut gaps = Vec::new();
+    let mut at = ack;
+    for o in relocated.offsets().filter(|o| (ack..dense_first).contains(o)) {
+        if o > at {
+            gaps.push(at..o);
+        }
+        at = o + 1;
+    }
+    if at < dense_first {
+        gaps.push(at..dense_first);
+    }
+    let mut missing = super::ranges::RangeSet::new();
+    for gap in gaps {
+        for name in settlements.names() {
+            for r in settlements.unsettled_within(name, gap.clone()) {
+                missing.insert_range(r);
+            }
+        }
+    }
+    missing.iter().collect()
 }

@@ -3,12 +3,16 @@
 //! Nothing is durable, so `durable` always equals `written` (the topic's durability level is
 //! "in memory"). Sizes are counted with the on-disk record size so that retention limits
 //! mean the same thing for memory and disk topics.
+//!
+//! A record is dropped from memory as soon as every subscription settled it, wherever it
+//! sits: one message stuck at the front (nacked with a long delay) does not keep the
+//! records acked after it, and does not make them count as backlog.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use super::record::message_record_len;
-use super::settlement::Settlements;
+use super::settlement::{Settled, Settlements};
 use super::{Log, LogError, Offset, Settlement, StoredMessage};
 
 /// What a `MemoryLog` does when its byte limit would be exceeded.
@@ -17,9 +21,9 @@ pub enum MemoryRetention {
     /// No limit.
     #[default]
     Unbounded,
-    /// Keep at most this many bytes; append drops the oldest records (settled or not) to
-    /// make room and counts the unsettled ones in [`Log::dropped`]. The design: "Memory
-    /// topics may drop the oldest".
+    /// Keep at most this many bytes of unsettled records; append drops the oldest of them
+    /// to make room and counts them in [`Log::dropped`]. The design: "Memory topics may
+    /// drop the oldest".
     DropOldest { max_bytes: u64 },
     /// Reject appends that would push the backlog past this many bytes, like a disk log.
     Reject { max_backlog_bytes: u64 },
@@ -29,18 +33,19 @@ pub enum MemoryRetention {
 struct Entry {
     message: StoredMessage,
     size: u64,
-    /// Bytes appended to this log before this record, ever; makes byte ranges O(1).
-    bytes_before: u64,
 }
 
 /// An in-memory log. See the module documentation.
 #[derive(Debug, Default)]
 pub struct MemoryLog {
-    entries: VecDeque<Entry>,
-    /// Offset of `entries[0]`.
+    /// Records not yet settled by every subscription (all of them while there is none).
+    entries: BTreeMap<Offset, Entry>,
+    /// Next offset to be written.
+    next: Offset,
+    /// Oldest offset that may still be held: records below it were dropped or settled.
     first: Offset,
-    /// Bytes ever appended (the `bytes_before` of the next record).
-    appended_bytes: u64,
+    /// Bytes of `entries`.
+    held_bytes: u64,
     settlements: Settlements,
     retention: MemoryRetention,
     dropped: u64,
@@ -60,33 +65,40 @@ impl MemoryLog {
         }
     }
 
-    fn next(&self) -> Offset {
-        self.first + self.entries.len() as u64
-    }
-
-    /// Bytes currently held (settled or not).
+    /// Bytes currently held: the records some subscription has not settled.
     pub fn stored_bytes(&self) -> u64 {
-        self.entries
-            .front()
-            .map_or(0, |e| self.appended_bytes - e.bytes_before)
+        self.held_bytes
     }
 
-    fn entry(&self, offset: Offset) -> Option<&Entry> {
-        let index = usize::try_from(offset.checked_sub(self.first)?).ok()?;
-        self.entries.get(index)
+    /// Forgets the record at `offset`; returns its size (0 if it was not held).
+    fn forget(&mut self, offset: Offset) -> u64 {
+        let size = self.entries.remove(&offset).map_or(0, |e| e.size);
+        self.held_bytes -= size;
+        size
     }
 
-    /// Drops the oldest record; returns its size.
+    /// Drops the oldest record held, unsettled; returns its size.
     fn pop_front(&mut self) -> u64 {
-        let Some(entry) = self.entries.pop_front() else {
+        let Some((offset, entry)) = self.entries.pop_first() else {
             return 0;
         };
-        let ack = self.settlements.acknowledged();
-        if self.first >= ack && !self.settlements.settled_by_all(self.first) {
+        self.held_bytes -= entry.size;
+        if !self.settlements.settled_by_all(offset) {
             self.dropped += 1;
         }
-        self.first += 1;
+        self.first = offset + 1;
         entry.size
+    }
+
+    /// Forgets every record now settled by all (after the subscriptions changed).
+    fn sweep(&mut self) -> u64 {
+        let settled: Vec<Offset> = self
+            .entries
+            .keys()
+            .copied()
+            .filter(|o| self.settlements.settled_by_all(*o))
+            .collect();
+        settled.into_iter().map(|o| self.forget(o)).sum()
     }
 }
 
@@ -110,23 +122,26 @@ impl Log for MemoryLog {
             }
             MemoryRetention::DropOldest { max_bytes } => {
                 while !self.entries.is_empty()
-                    && self.stored_bytes().saturating_add(batch) > max_bytes
+                    && self.held_bytes.saturating_add(batch) > max_bytes
                 {
                     self.pop_front();
                 }
                 self.settlements.advance_all_to(self.first);
             }
         }
-        let start = self.next();
+        let start = self.next;
         for (message, size) in messages.iter().zip(sizes) {
-            self.entries.push_back(Entry {
-                message: message.clone(),
-                size,
-                bytes_before: self.appended_bytes,
-            });
-            self.appended_bytes += size;
+            self.entries.insert(
+                self.next,
+                Entry {
+                    message: message.clone(),
+                    size,
+                },
+            );
+            self.next += 1;
+            self.held_bytes += size;
         }
-        Ok(start..self.next())
+        Ok(start..self.next)
     }
 
     fn sync(&mut self) -> Result<(), LogError> {
@@ -134,25 +149,20 @@ impl Log for MemoryLog {
     }
 
     fn read(&self, from: Offset, max: usize) -> Result<Vec<(Offset, StoredMessage)>, LogError> {
-        let next = self.next();
-        if from > next {
+        if from > self.next {
             return Err(LogError::OffsetOutOfRange {
                 offset: from,
-                first: self.first,
-                next,
+                first: self.first(),
+                next: self.next,
             });
         }
-        let mut out = Vec::with_capacity(max.min(self.entries.len()));
-        let mut offset = from.max(self.first);
-        while offset < next && out.len() < max {
-            if !self.settlements.settled_by_all(offset)
-                && let Some(entry) = self.entry(offset)
-            {
-                out.push((offset, entry.message.clone()));
-            }
-            offset += 1;
-        }
-        Ok(out)
+        Ok(self
+            .entries
+            .range(from..)
+            .filter(|(o, _)| !self.settlements.settled_by_all(**o))
+            .take(max)
+            .map(|(o, e)| (*o, e.message.clone()))
+            .collect())
     }
 
     fn settle(
@@ -161,15 +171,17 @@ impl Log for MemoryLog {
         offset: Offset,
         _how: Settlement,
     ) -> Result<(), LogError> {
-        let next = self.next();
-        if offset >= next {
+        if offset >= self.next {
             return Err(LogError::OffsetOutOfRange {
                 offset,
-                first: self.first,
-                next,
+                first: self.first(),
+                next: self.next,
             });
         }
-        self.settlements.settle(subscription, offset).map(|_| ())
+        if self.settlements.settle(subscription, offset)? == Settled::NowByAll {
+            self.forget(offset);
+        }
+        Ok(())
     }
 
     fn is_settled(&self, subscription: &str, offset: Offset) -> bool {
@@ -178,8 +190,9 @@ impl Log for MemoryLog {
 
     fn set_subscriptions(&mut self, subscriptions: &[String]) -> Result<(), LogError> {
         let ack = self.settlements.acknowledged();
+        let mut changed = false;
         for name in subscriptions {
-            self.settlements.register(name, ack);
+            changed |= self.settlements.register(name, ack);
         }
         let stale: Vec<String> = self
             .settlements
@@ -188,26 +201,26 @@ impl Log for MemoryLog {
             .map(str::to_owned)
             .collect();
         for name in stale {
-            self.settlements.unregister(&name);
+            changed |= self.settlements.unregister(&name);
+        }
+        if changed {
+            self.sweep();
         }
         Ok(())
     }
 
     fn compact(&mut self) -> Result<u64, LogError> {
-        let ack = self.settlements.acknowledged();
-        let mut freed = 0;
-        while self.first < ack && !self.entries.is_empty() {
-            freed += self.pop_front();
-        }
-        Ok(freed)
+        // Settled records are forgotten as they settle; only the bookkeeping moves here.
+        self.first = self.first.max(self.settlements.acknowledged());
+        Ok(0)
     }
 
     fn written(&self) -> Offset {
-        self.next()
+        self.next
     }
 
     fn durable(&self) -> Offset {
-        self.next()
+        self.next
     }
 
     fn acknowledged(&self) -> Offset {
@@ -215,13 +228,11 @@ impl Log for MemoryLog {
     }
 
     fn backlog_bytes(&self) -> u64 {
-        let start = self.settlements.acknowledged().max(self.first);
-        self.entry(start)
-            .map_or(0, |e| self.appended_bytes - e.bytes_before)
+        self.held_bytes
     }
 
     fn first(&self) -> Offset {
-        self.first
+        self.entries.keys().next().copied().unwrap_or(self.next)
     }
 
     fn cursor(&self, subscription: &str) -> Option<Offset> {
@@ -268,6 +279,7 @@ mod tests {
         let mut log = MemoryLog::new();
         log.append(&[msg(0), msg(1), msg(2)])?;
         log.set_subscriptions(&subs(&["a", "b"]))?;
+        let before = log.backlog_bytes();
         log.settle("a", 0, Settlement::Acked)?;
         log.settle("a", 1, Settlement::Acked)?;
         log.settle("b", 0, Settlement::DeadLettered)?;
@@ -277,14 +289,34 @@ mod tests {
             2,
             "offset 0 settled by all is skipped"
         );
-        let before = log.backlog_bytes();
-        assert_eq!(log.compact()?, message_record_len(&msg(0)) as u64);
+        let one = message_record_len(&msg(0)) as u64;
+        assert_eq!(log.backlog_bytes(), before - one, "forgotten once settled by all");
         assert_eq!(log.first(), 1);
-        assert_eq!(log.backlog_bytes(), before);
+        assert_eq!(log.compact()?, 0);
         assert!(matches!(
             log.settle("zzz", 1, Settlement::Acked),
             Err(LogError::UnknownSubscription { .. })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_stuck_record_keeps_only_itself() -> Result<(), LogError> {
+        let one = message_record_len(&msg(0)) as u64;
+        let mut log = MemoryLog::with_retention(MemoryRetention::Reject {
+            max_backlog_bytes: one * 4,
+        });
+        log.set_subscriptions(&subs(&["a"]))?;
+        log.append(&[msg(0)])?;
+        for i in 1..100 {
+            log.append(&[msg(i % 10)])?;
+            log.settle("a", i, Settlement::Acked)?;
+        }
+        assert_eq!(log.backlog_bytes(), one, "only the stuck record is held");
+        assert_eq!(log.acknowledged(), 0);
+        assert_eq!(log.read(0, 10)?, vec![(0, msg(0))]);
+        log.settle("a", 0, Settlement::Acked)?;
+        assert_eq!((log.backlog_bytes(), log.acknowledged()), (0, 100));
         Ok(())
     }
 

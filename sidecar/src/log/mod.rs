@@ -9,31 +9,40 @@
 //! - `recovery.rs`: opening a directory's segments: torn-tail truncation, reporting of
 //!   corruption, and the `RecoveryReport`.
 //! - `disk.rs`: `DiskLog`, the segmented implementation with recovery and retention.
+//! - `compaction.rs`: deleting old segments, carrying their few unsettled records forward.
+//! - `relocated.rs`: `relocated.dat`, where those carried records live.
+//! - `ranges.rs`: offset sets kept as ranges (settled offsets, gone and lost ones).
 //! - `memory.rs`: `MemoryLog`, for `Memory` topics and unit tests.
-//! - `settlement.rs`: per-subscription settlement state (cursor + out-of-order set).
+//! - `settlement.rs`: per-subscription settlement state (cursor + out-of-order ranges).
 //! - `settlement_store.rs`: the settlement file that makes that state survive restarts.
 //! - `io.rs`: I/O error context, directory fsync and failpoints (feature `failpoints`).
 //! - `powerloss.rs`: a simulated disk that drops un-fsynced writes (feature `powerloss`).
 //!
 //! Offsets: every record gets a dense, increasing `Offset`. Three positions matter and are
 //! kept apart on purpose: `written` (appended, perhaps only in the page cache), `durable`
-//! (covered by an fsync, so the producer may be acked) and `acknowledged` (settled by every
-//! subscription, so the segment holding it may be deleted).
+//! (covered by an fsync, so the producer may be acked) and `acknowledged` (everything below
+//! it is settled by every subscription). Above `acknowledged`, records are settled one by
+//! one (individual acks): the backlog counts only those some subscription has not settled.
 
 use std::ops::Range;
 
+mod compaction;
 mod disk;
 mod io;
 mod memory;
 pub mod powerloss;
 mod reaper;
+mod ranges;
 pub mod record;
 mod recovery;
+mod relocated;
 mod scan;
 mod segment;
 mod settlement;
 mod settlement_store;
 
+#[cfg(test)]
+mod compaction_tests;
 #[cfg(test)]
 mod disk_tests;
 #[cfg(test)]
@@ -129,13 +138,16 @@ pub trait Log: Send + std::fmt::Debug {
     ) -> Result<(), LogError>;
     /// Whether `subscription` has settled `offset`.
     fn is_settled(&self, subscription: &str, offset: Offset) -> bool;
-    /// Registers the subscriptions that must settle every record; segments are kept until all
-    /// of them have. Subscriptions missing from the list are removed. A newly registered
+    /// Registers the subscriptions that must settle every record; records are kept until
+    /// all of them have. Subscriptions missing from the list are removed. A newly registered
     /// subscription starts at `acknowledged()`: it sees every record some other subscription
     /// still holds, including those written before it existed (with no subscription at
     /// all, nothing is acknowledged, so it sees everything still stored).
     fn set_subscriptions(&mut self, subscriptions: &[String]) -> Result<(), LogError>;
-    /// Deletes sealed segments that every subscription has settled. Returns bytes freed.
+    /// Frees what every subscription has settled: sealed segments holding nothing else are
+    /// deleted, and a segment whose few unsettled records are held back while consumers
+    /// moved on has them carried forward first (same offsets), then is deleted. Returns
+    /// bytes freed.
     fn compact(&mut self) -> Result<u64, LogError>;
     /// Next offset to be written.
     fn written(&self) -> Offset;
@@ -143,9 +155,11 @@ pub trait Log: Send + std::fmt::Debug {
     fn durable(&self) -> Offset;
     /// Everything below this offset is settled by every subscription.
     fn acknowledged(&self) -> Offset;
-    /// Bytes of records not yet settled by every subscription (the backlog), counted from
-    /// `acknowledged()`: records settled out of order above it count until it passes them,
-    /// which matches the disk space that compaction could not yet free.
+    /// The backlog: bytes of the records that some subscription has not settled (their
+    /// on-disk record size), wherever they are. Records settled by every subscription out of
+    /// order do not count, even while a stuck record below them keeps `acknowledged()` back
+    /// (Pulsar's individual acks). The union over subscriptions, not their maximum: it is
+    /// what this sidecar must keep for them. Cheap: called for every publish request.
     fn backlog_bytes(&self) -> u64;
     /// Oldest offset still stored; reads from below it start here.
     fn first(&self) -> Offset;

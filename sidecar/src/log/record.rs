@@ -36,6 +36,11 @@ pub enum Kind {
     Unsubscribe = 3,
     /// A subscription settled one offset (settlement file).
     Settle = 4,
+    /// A subscription settled a range of offsets (settlement file snapshots).
+    SettleRange = 5,
+    /// Offsets every subscription settled whose records compaction removed (settlement
+    /// file).
+    Gone = 6,
 }
 
 impl Kind {
@@ -45,6 +50,8 @@ impl Kind {
             2 => Some(Self::Subscribe),
             3 => Some(Self::Unsubscribe),
             4 => Some(Self::Settle),
+            5 => Some(Self::SettleRange),
+            6 => Some(Self::Gone),
             _ => None,
         }
     }

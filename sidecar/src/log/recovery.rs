@@ -66,6 +66,11 @@ pub struct RecoveryReport {
     pub settlement_truncated_bytes: u64,
     /// Settlement records that failed verification (their offsets may be redelivered).
     pub settlement_corrupt_records: usize,
+    /// Bytes truncated from the torn tail of `relocated.dat` (copies never fsynced, whose
+    /// segment was therefore not deleted).
+    pub relocated_truncated_bytes: u64,
+    /// Regions of `relocated.dat` that failed verification.
+    pub relocated_corrupt_regions: usize,
 }
 
 impl RecoveryReport {
@@ -102,6 +107,8 @@ impl RecoveryReport {
             && self.corrupt.is_empty()
             && self.settlement_truncated_bytes == 0
             && self.settlement_corrupt_records == 0
+            && self.relocated_truncated_bytes == 0
+            && self.relocated_corrupt_regions == 0
     }
 }
 

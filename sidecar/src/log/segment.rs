@@ -49,6 +49,8 @@ struct Segment {
     /// Bytes of verified records (the file may be longer only while a write is failing, or
     /// for a sealed segment with a corrupt tail).
     len: u64,
+    /// Bytes of the records not yet settled by every subscription (kept by `DiskLog`).
+    live: u64,
 }
 
 /// A message read back, or the reason its record could not be.
@@ -72,15 +74,35 @@ impl Segment {
             .map_or(self.len, |&p| u64::from(p))
     }
 
-    /// Bytes of records from `offset` (or the first verified one after it) to the end.
-    fn bytes_from(&self, offset: Offset) -> u64 {
-        let Some(i) = self.index(offset.max(self.base)) else {
-            return 0;
+    /// Length of the record at `offset`; `None` if it is not in this segment or lost.
+    fn record_len(&self, offset: Offset) -> Option<u64> {
+        let i = self.index(offset)?;
+        let pos = self.positions[i];
+        (pos != LOST).then(|| self.end_of(i) - u64::from(pos))
+    }
+
+    /// The encoded record at `offset` as stored (header, CRC and all), verified.
+    fn raw(&self, offset: Offset, max_len: u32) -> Result<Result<Vec<u8>, String>, LogError> {
+        let Some(i) = self.index(offset).filter(|&i| self.positions[i] != LOST) else {
+            return Ok(Err(format!("offset {offset} is not held")));
         };
-        self.positions[i..]
-            .iter()
-            .find(|&&p| p != LOST)
-            .map_or(0, |&p| self.len - u64::from(p))
+        let start = u64::from(self.positions[i]);
+        let mut buf = vec![0; (self.end_of(i) - start) as usize];
+        self.file
+            .read_exact_at(&mut buf, start)
+            .map_err(io_err("read", &self.path))?;
+        Ok(match record::parse_frame(&buf, max_len) {
+            Ok(f) if f.kind == Kind::Message && f.offset == offset && f.total_len == buf.len() => {
+                Ok(buf)
+            }
+            Ok(f) => Err(format!(
+                "{} position {start}: found {:?} record with offset {}, expected a message at {offset}",
+                self.path.display(),
+                f.kind,
+                f.offset
+            )),
+            Err(e) => Err(format!("{} position {start}: {e}", self.path.display())),
+        })
     }
 
     /// Reads up to `max - out.len()` records from `from`, skipping lost offsets and those
@@ -181,6 +203,7 @@ impl ActiveSegment {
                 base,
                 positions: Vec::new(),
                 len: 0,
+                live: 0,
             },
             synced_len: 0,
         })
@@ -208,6 +231,7 @@ impl ActiveSegment {
                 base,
                 positions,
                 len,
+                live: 0,
             },
             synced_len: 0,
         })
@@ -226,8 +250,19 @@ impl ActiveSegment {
         self.seg.len
     }
 
-    pub fn bytes_from(&self, offset: Offset) -> u64 {
-        self.seg.bytes_from(offset)
+    /// Bytes of records not yet settled by every subscription.
+    pub fn live(&self) -> u64 {
+        self.seg.live
+    }
+
+    /// Sets [`Self::live`] (kept by the log as records are appended and settled).
+    pub fn set_live(&mut self, live: u64) {
+        self.seg.live = live;
+    }
+
+    /// Length of the record at `offset`; `None` if it is not here or lost.
+    pub fn record_len(&self, offset: Offset) -> Option<u64> {
+        self.seg.record_len(offset)
     }
 
     /// Writes a batch of encoded records with one positional write. `starts` are the
@@ -350,6 +385,7 @@ impl SealedSegment {
                 base,
                 positions,
                 len,
+                live: 0,
             },
         })
     }
@@ -366,10 +402,6 @@ impl SealedSegment {
         self.seg.next()
     }
 
-    pub fn bytes_from(&self, offset: Offset) -> u64 {
-        self.seg.bytes_from(offset)
-    }
-
     pub fn read(
         &self,
         from: Offset,
@@ -379,6 +411,31 @@ impl SealedSegment {
         out: &mut Vec<(Offset, ReadOutcome)>,
     ) -> Result<(), LogError> {
         self.seg.read(from, max, skip, max_len, out)
+    }
+
+    /// Bytes of records not yet settled by every subscription.
+    pub fn live(&self) -> u64 {
+        self.seg.live
+    }
+
+    /// Sets [`Self::live`] (kept by the log as records are appended and settled).
+    pub fn set_live(&mut self, live: u64) {
+        self.seg.live = live;
+    }
+
+    /// Length of the record at `offset`; `None` if it is not here or lost.
+    pub fn record_len(&self, offset: Offset) -> Option<u64> {
+        self.seg.record_len(offset)
+    }
+
+    /// Bytes of records in the segment.
+    pub fn len(&self) -> u64 {
+        self.seg.len
+    }
+
+    /// The encoded record at `offset`, verified (`Err(reason)` if it does not verify).
+    pub fn raw(&self, offset: Offset, max_len: u32) -> Result<Result<Vec<u8>, String>, LogError> {
+        self.seg.raw(offset, max_len)
     }
 
     /// The file's size on disk (what deleting it frees).
@@ -420,8 +477,12 @@ mod tests {
         let offsets: Vec<_> = out.iter().map(|(o, _)| *o).collect();
         assert_eq!(offsets, vec![7, 9, 10]);
         assert_eq!(out[0].1, Ok(msg(2)));
-        assert_eq!(sealed.bytes_from(5), batch.len() as u64);
-        assert_eq!(sealed.bytes_from(15), 0);
+        assert_eq!(sealed.len(), batch.len() as u64);
+        let lens: u64 = (5..15).filter_map(|o| sealed.record_len(o)).sum();
+        assert_eq!(lens, batch.len() as u64);
+        assert_eq!(sealed.record_len(15), None);
+        let raw = sealed.raw(9, 1 << 20)?.map_err(std::io::Error::other)?;
+        assert_eq!(raw.len() as u64, sealed.record_len(9).unwrap_or(0));
         Ok(())
     }
 }

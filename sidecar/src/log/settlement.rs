@@ -1,17 +1,24 @@
 //! Per-subscription settlement state: which offsets each subscription has settled.
 //!
-//! Each subscription keeps a *cursor* (every offset below it is settled) plus the set of
-//! offsets settled above the cursor. Settlements mostly arrive nearly in order, so the set
-//! stays small: it only holds the out-of-order window (messages acked while an earlier one
-//! is still in flight or being retried). The log's `acknowledged` offset is the minimum
-//! cursor over all subscriptions, which is what decides when a segment may be deleted.
+//! Each subscription keeps a *cursor* (every offset below it is settled) plus the offsets
+//! settled above the cursor, as ranges (`ranges.rs`): acks arrive nearly in order, so a
+//! message stuck for minutes (nacked with a delay, retried, or waiting for a member in its
+//! zone) while thousands after it are acked costs two ranges, not thousands of entries.
+//! The log's `acknowledged` offset is the minimum cursor over all subscriptions; a record
+//! is *settled by all* when every subscription settled it, wherever the cursors are, which
+//! is what the backlog counts (Pulsar's individual acks) and what compaction may remove.
+//!
+//! Two kinds of offsets count as settled for every subscription: *lost* ones (corrupt
+//! records, reported) and *gone* ones (records compaction removed once every subscription
+//! had settled them; a subscription registered later must not wait for them).
 //!
 //! This module is pure in-memory state shared by `MemoryLog` and `DiskLog`; the durable
 //! form (a file of settlement records replayed on open) lives in `settlement_store.rs`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
+use super::ranges::RangeSet;
 use super::{LogError, Offset};
 
 /// One subscription's progress.
@@ -20,7 +27,25 @@ struct Progress {
     /// Every offset below this one is settled.
     cursor: Offset,
     /// Offsets at or above `cursor` that are settled (the out-of-order window).
-    above: BTreeSet<Offset>,
+    above: RangeSet,
+}
+
+/// What a settlement changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The subscription had settled it already (or it is lost or gone).
+    Before,
+    /// Newly settled; another subscription still holds it.
+    Now,
+    /// Newly settled, and now settled by every subscription.
+    NowByAll,
+}
+
+impl Settled {
+    /// Whether the settlement was new (and must be made durable).
+    pub fn is_new(self) -> bool {
+        self != Self::Before
+    }
 }
 
 /// Settlement state of one log.
@@ -28,17 +53,19 @@ struct Progress {
 /// A subscription registered after messages were written starts at the log's
 /// `acknowledged` offset at registration time, not at the end of the log: it therefore
 /// sees every message that some other subscription still holds, including those written
-/// before it existed, and never resurrects messages already settled by everyone (their
-/// segments may be gone). With no subscription registered at all, nothing is settled and
+/// before it existed, and never resurrects messages already settled by everyone whose
+/// records are gone. With no subscription registered at all, nothing is settled and
 /// `acknowledged` stays at its floor (the oldest stored offset), so messages published
 /// before the first subscription appears are kept for it.
 #[derive(Debug, Clone, Default)]
 pub struct Settlements {
     subs: BTreeMap<String, Progress>,
-    /// Offsets the log knows it lost (corrupt records), `start -> end`. They count as
-    /// settled for every subscription so that one bad record cannot block
-    /// acknowledgement (and hence compaction) forever; they are reported, never hidden.
-    lost: BTreeMap<Offset, Offset>,
+    /// Offsets the log knows it lost (corrupt records). They count as settled for every
+    /// subscription so that one bad record cannot block acknowledgement (and hence
+    /// compaction) forever; they are reported, never hidden.
+    lost: RangeSet,
+    /// Offsets whose records compaction removed after every subscription settled them.
+    gone: RangeSet,
     /// `acknowledged` when no subscription is registered; never moves backwards.
     floor: Offset,
 }
@@ -60,9 +87,9 @@ impl Settlements {
         }
         let mut progress = Progress {
             cursor,
-            above: BTreeSet::new(),
+            above: RangeSet::new(),
         };
-        advance(&mut progress, &self.lost);
+        advance(&mut progress, &self.lost, &self.gone);
         self.subs.insert(name.to_owned(), progress);
         true
     }
@@ -85,39 +112,63 @@ impl Settlements {
         self.subs.keys().map(String::as_str)
     }
 
-    /// Marks `offset` settled for `name`. Returns whether it was newly settled.
-    pub fn settle(&mut self, name: &str, offset: Offset) -> Result<bool, LogError> {
+    /// Whether any subscription is registered.
+    pub fn is_empty(&self) -> bool {
+        self.subs.is_empty()
+    }
+
+    /// Marks `offset` settled for `name`.
+    pub fn settle(&mut self, name: &str, offset: Offset) -> Result<Settled, LogError> {
+        let forgotten = self.lost.contains(offset) || self.gone.contains(offset);
         let Some(progress) = self.subs.get_mut(name) else {
             return Err(LogError::UnknownSubscription {
                 subscription: name.to_owned(),
             });
         };
-        if offset < progress.cursor || !progress.above.insert(offset) {
-            return Ok(false);
+        if forgotten || offset < progress.cursor || !progress.above.insert(offset) {
+            return Ok(Settled::Before);
         }
-        advance(progress, &self.lost);
-        Ok(true)
+        advance(progress, &self.lost, &self.gone);
+        Ok(if self.settled_by_all(offset) {
+            Settled::NowByAll
+        } else {
+            Settled::Now
+        })
     }
 
-    /// Whether `name` has settled `offset` (known-lost offsets count as settled).
+    /// Marks every offset of `range` settled for `name` (replaying a snapshot). Returns
+    /// false if `name` is not registered.
+    pub fn settle_range(&mut self, name: &str, range: Range<Offset>) -> bool {
+        let Some(progress) = self.subs.get_mut(name) else {
+            return false;
+        };
+        let start = range.start.max(progress.cursor);
+        if start < range.end {
+            progress.above.insert_range(start..range.end);
+            advance(progress, &self.lost, &self.gone);
+        }
+        true
+    }
+
+    /// Whether `name` has settled `offset` (known-lost and gone offsets count as settled).
     pub fn is_settled(&self, name: &str, offset: Offset) -> bool {
         self.subs
             .get(name)
-            .is_some_and(|p| offset < p.cursor || p.above.contains(&offset))
-            || self.is_lost(offset)
+            .is_some_and(|p| offset < p.cursor || p.above.contains(offset))
+            || self.is_forgotten(offset)
     }
 
     /// Whether every registered subscription has settled `offset`. False when no
-    /// subscription is registered, except for known-lost offsets.
+    /// subscription is registered, except for known-lost and gone offsets.
     pub fn settled_by_all(&self, offset: Offset) -> bool {
-        if self.is_lost(offset) {
+        if self.is_forgotten(offset) {
             return true;
         }
         !self.subs.is_empty()
             && self
                 .subs
                 .values()
-                .all(|p| offset < p.cursor || p.above.contains(&offset))
+                .all(|p| offset < p.cursor || p.above.contains(offset))
     }
 
     /// `name`'s cursor: every offset below it is settled by `name`.
@@ -125,12 +176,44 @@ impl Settlements {
         self.subs.get(name).map(|p| p.cursor)
     }
 
-    /// The offsets `name` settled above its cursor (for snapshots).
-    pub fn settled_above(&self, name: &str) -> impl Iterator<Item = Offset> + '_ {
-        self.subs
-            .get(name)
+    /// The ranges `name` settled above its cursor (for snapshots).
+    pub fn settled_above(&self, name: &str) -> impl Iterator<Item = Range<Offset>> + '_ {
+        self.subs.get(name).into_iter().flat_map(|p| p.above.iter())
+    }
+
+    /// The parts of `within` that `name` has not settled (lost and gone offsets count as
+    /// settled); all of `within` if `name` is not registered.
+    pub fn unsettled_within(&self, name: &str, within: Range<Offset>) -> Vec<Range<Offset>> {
+        let Some(p) = self.subs.get(name) else {
+            return vec![within];
+        };
+        let start = within.start.max(p.cursor);
+        if start >= within.end {
+            return Vec::new();
+        }
+        p.above
+            .gaps(start..within.end)
             .into_iter()
-            .flat_map(|p| p.above.iter().copied())
+            .flat_map(|g| self.lost.gaps(g))
+            .flat_map(|g| self.gone.gaps(g))
+            .collect()
+    }
+
+    /// Whether every subscription has settled something at or after `end - 1`: its
+    /// consumer has moved past `..end`, so what it left unsettled there is held back
+    /// (delayed, retried, waiting for a member), not merely not yet read. False with no
+    /// subscription.
+    pub fn passed(&self, end: Offset) -> bool {
+        !self.subs.is_empty()
+            && self
+                .subs
+                .values()
+                .all(|p| p.cursor.max(p.above.last_end().unwrap_or(0)) >= end)
+    }
+
+    /// Minimum cursor over all subscriptions, ignoring the floor; `None` without any.
+    pub fn min_cursor(&self) -> Option<Offset> {
+        self.subs.values().map(|p| p.cursor).min()
     }
 
     /// Minimum cursor over all subscriptions, or the floor when there are none.
@@ -149,8 +232,8 @@ impl Settlements {
         for progress in self.subs.values_mut() {
             if progress.cursor < first {
                 progress.cursor = first;
-                progress.above = progress.above.split_off(&first);
-                advance(progress, &self.lost);
+                progress.above.remove_below(first);
+                advance(progress, &self.lost, &self.gone);
             }
         }
     }
@@ -160,42 +243,75 @@ impl Settlements {
         if range.is_empty() {
             return;
         }
-        let end = self.lost.entry(range.start).or_insert(range.end);
-        *end = (*end).max(range.end);
+        self.lost.insert_range(range);
+        self.advance_everyone();
+    }
+
+    /// Records that compaction removed the records of `range`, which every subscription
+    /// had settled: they count as settled, also for subscriptions registered later.
+    pub fn mark_gone(&mut self, range: Range<Offset>) {
+        if range.is_empty() {
+            return;
+        }
+        self.gone.insert_range(range);
+        self.advance_everyone();
+    }
+
+    /// Forgets gone ranges below `acknowledged()`: every cursor is past them, and a
+    /// subscription registered later starts there.
+    pub fn prune_gone(&mut self) {
+        let ack = self.acknowledged();
+        self.gone.remove_below(ack);
+    }
+
+    fn advance_everyone(&mut self) {
         for progress in self.subs.values_mut() {
-            advance(progress, &self.lost);
+            advance(progress, &self.lost, &self.gone);
         }
     }
 
     /// Known-lost offset ranges, sorted.
     pub fn lost_ranges(&self) -> Vec<Range<Offset>> {
-        self.lost.iter().map(|(&start, &end)| start..end).collect()
+        self.lost.iter().collect()
+    }
+
+    /// Gone offset ranges, sorted.
+    pub fn gone_ranges(&self) -> impl Iterator<Item = Range<Offset>> + '_ {
+        self.gone.iter()
+    }
+
+    /// Number of ranges held for `name` and for gone offsets (what a snapshot writes).
+    pub fn snapshot_entries(&self) -> u64 {
+        let subs: usize = self.subs.values().map(|p| 1 + p.above.ranges()).sum();
+        (subs + self.gone.ranges()) as u64
     }
 
     /// Whether `offset` is known lost.
     pub fn is_lost(&self, offset: Offset) -> bool {
-        lost_end(&self.lost, offset).is_some()
+        self.lost.contains(offset)
+    }
+
+    fn is_forgotten(&self, offset: Offset) -> bool {
+        self.lost.contains(offset) || self.gone.contains(offset)
     }
 }
 
-/// End of the lost range containing `offset`, if any.
-fn lost_end(lost: &BTreeMap<Offset, Offset>, offset: Offset) -> Option<Offset> {
-    lost.range(..=offset)
-        .next_back()
-        .and_then(|(_, &end)| (end > offset).then_some(end))
-}
-
-/// Moves the cursor over settled and lost offsets.
-fn advance(progress: &mut Progress, lost: &BTreeMap<Offset, Offset>) {
+/// Moves the cursor over settled, lost and gone offsets.
+fn advance(progress: &mut Progress, lost: &RangeSet, gone: &RangeSet) {
     loop {
-        if progress.above.first() == Some(&progress.cursor) {
-            progress.above.pop_first();
-            progress.cursor += 1;
-        } else if let Some(end) = lost_end(lost, progress.cursor) {
-            progress.cursor = end;
-            progress.above = progress.above.split_off(&end);
-        } else {
-            return;
+        let next = match progress.above.first() {
+            Some(r) if r.start <= progress.cursor => Some(r.end),
+            _ => lost
+                .range_of(progress.cursor)
+                .or_else(|| gone.range_of(progress.cursor))
+                .map(|r| r.end),
+        };
+        match next {
+            Some(end) if end > progress.cursor => {
+                progress.cursor = end;
+                progress.above.remove_below(end);
+            }
+            _ => return,
         }
     }
 }
@@ -215,6 +331,7 @@ mod tests {
         s.settle("a", 0)?;
         assert_eq!(s.cursor("a"), Some(3));
         assert_eq!(s.settled_above("a").count(), 0);
+        assert_eq!(s.settle("a", 1)?, Settled::Before);
         Ok(())
     }
 
@@ -269,7 +386,7 @@ mod tests {
         let _ = s.settle("a", 12);
         s.advance_all_to(10);
         assert_eq!(s.cursor("a"), Some(10));
-        assert_eq!(s.settled_above("a").collect::<Vec<_>>(), vec![12]);
+        assert_eq!(s.settled_above("a").collect::<Vec<_>>(), vec![12..13]);
         assert_eq!(s.acknowledged(), 10);
     }
 }

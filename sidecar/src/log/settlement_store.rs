@@ -7,12 +7,16 @@
 //! - `Subscribe`: header offset = the subscription's starting cursor, body = name.
 //! - `Unsubscribe`: body = name.
 //! - `Settle`: header offset = the settled offset, body = how (u8) + name.
+//! - `SettleRange`: header offset = first settled offset, body = end (u64, exclusive) +
+//!   name (snapshots: one per range settled above a cursor).
+//! - `Gone`: header offset = first offset, body = end (u64, exclusive): records compaction
+//!   removed after every subscription settled them (written before the removal).
 //!
 //! Entries are buffered by `settle` and written with one write and one fdatasync at the
 //! log's `sync`, after the segment's fsync: so a durable settlement never refers to a
 //! record that is not durable. Once the file is much larger than the state it encodes,
 //! `rewrite` replaces it with a snapshot (a `Subscribe` per subscription plus a `Settle`
-//! per offset settled above its cursor) via write-to-temp, fsync, rename, fsync directory.
+//! range settled above its cursor, and a `Gone` per gone range) via write-to-temp, fsync, rename, fsync directory.
 //! A torn or corrupt entry only loses a settlement, which at worst causes a redelivery.
 
 use std::fs::{File, OpenOptions};
@@ -144,6 +148,15 @@ impl SettlementStore {
         .map(|_| ())
     }
 
+    /// Records that compaction removes the records of `range` (every subscription settled
+    /// them); must be synced before the records are deleted.
+    pub fn gone(&mut self, range: std::ops::Range<Offset>) -> Result<(), LogError> {
+        record::encode_record(&mut self.pending, range.start, Kind::Gone, MAX_LEN, |b| {
+            b.extend_from_slice(&range.end.to_le_bytes())
+        })
+        .map(|_| ())
+    }
+
     /// Writes the pending entries and fdatasyncs. An fsync error must poison the log.
     pub fn sync(&mut self) -> Result<(), LogError> {
         if self.pending.is_empty() {
@@ -170,10 +183,8 @@ impl SettlementStore {
         if self.len < REWRITE_MIN {
             return false;
         }
-        let estimate: u64 = state
-            .names()
-            .map(|n| (n.len() as u64 + 30) * (1 + state.settled_above(n).count() as u64))
-            .sum();
+        let longest = state.names().map(str::len).max().unwrap_or(0) as u64;
+        let estimate = (longest + 40) * state.snapshot_entries();
         estimate.saturating_mul(4) < self.len
     }
 
@@ -187,12 +198,17 @@ impl SettlementStore {
             record::encode_record(&mut buf, cursor, Kind::Subscribe, MAX_LEN, |b| {
                 record::put_bytes(b, name.as_bytes())
             })?;
-            for offset in state.settled_above(name) {
-                record::encode_record(&mut buf, offset, Kind::Settle, MAX_LEN, |b| {
-                    b.push(how_to_u8(Settlement::Acked));
+            for range in state.settled_above(name) {
+                record::encode_record(&mut buf, range.start, Kind::SettleRange, MAX_LEN, |b| {
+                    b.extend_from_slice(&range.end.to_le_bytes());
                     record::put_bytes(b, name.as_bytes());
                 })?;
             }
+        }
+        for range in state.gone_ranges() {
+            record::encode_record(&mut buf, range.start, Kind::Gone, MAX_LEN, |b| {
+                b.extend_from_slice(&range.end.to_le_bytes())
+            })?;
         }
         let tmp = self.dir.join(TMP_NAME);
         let result = write_snapshot(&tmp, &buf).and_then(|file| {
@@ -272,6 +288,24 @@ fn apply(state: &mut Settlements, frame: &Frame, body: &Bytes, next: Offset) -> 
             // A settlement of an unregistered subscription is stale, not corrupt.
             let _ = state.settle(&name, frame.offset);
         }
+        Kind::SettleRange => {
+            let end = r.u64("end").map_err(|e| e.to_string())?;
+            let name = r.string("subscription").map_err(|e| e.to_string())?;
+            r.finish().map_err(|e| e.to_string())?;
+            if end < frame.offset || end > next {
+                return Err(format!("settled range {}..{end} (next {next})", frame.offset));
+            }
+            // A settlement of an unregistered subscription is stale, not corrupt.
+            let _ = state.settle_range(&name, frame.offset..end);
+        }
+        Kind::Gone => {
+            let end = r.u64("end").map_err(|e| e.to_string())?;
+            r.finish().map_err(|e| e.to_string())?;
+            if end < frame.offset || end > next {
+                return Err(format!("gone range {}..{end} (next {next})", frame.offset));
+            }
+            state.mark_gone(frame.offset..end);
+        }
         Kind::Message => return Err("message record in the settlement file".into()),
     }
     Ok(())
@@ -303,7 +337,10 @@ mod tests {
         let mut third = Settlements::new(0);
         let (_, _) = SettlementStore::open(dir.path(), &mut third, 100)?;
         assert_eq!(third.cursor("a"), Some(3));
-        assert_eq!(third.settled_above("a").collect::<Vec<_>>(), vec![5, 7]);
+        assert_eq!(
+            third.settled_above("a").collect::<Vec<_>>(),
+            vec![5..6, 7..8]
+        );
         Ok(())
     }
 

@@ -174,6 +174,12 @@ pub(crate) enum Command {
         max: usize,
         reply: oneshot::Sender<Result<ReadBatch, Error>>,
     },
+    /// The records at these offsets that `subscription` has not settled.
+    ReadAt {
+        subscription: Arc<str>,
+        offsets: Vec<Offset>,
+        reply: oneshot::Sender<Result<Vec<(Offset, StoredMessage)>, Error>>,
+    },
     Cursor {
         subscription: Arc<str>,
         reply: oneshot::Sender<Option<Offset>>,
@@ -431,6 +437,22 @@ impl TopicStore {
             subscription,
             from,
             max,
+            reply,
+        })?;
+        rx.await.map_err(|_| self.stopped())?
+    }
+
+    /// The records at `offsets` (sorted) that `subscription` has not settled, in order:
+    /// what a dispatcher reads back for the messages it parked (`delivery::dispatcher`).
+    pub async fn read_at(
+        &self,
+        subscription: Arc<str>,
+        offsets: Vec<Offset>,
+    ) -> Result<Vec<(Offset, StoredMessage)>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ReadAt {
+            subscription,
+            offsets,
             reply,
         })?;
         rx.await.map_err(|_| self.stopped())?

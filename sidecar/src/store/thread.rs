@@ -197,6 +197,7 @@ impl StoreThread {
             matches!(
                 c,
                 Command::Read { .. }
+                    | Command::ReadAt { .. }
                     | Command::Cursor { .. }
                     | Command::Unsettled { .. }
                     | Command::Holds { .. }

@@ -245,9 +245,12 @@ impl Dispatcher {
             self.give_up(offset, k, reason);
             return;
         }
-        let at = Instant::now() + delay.unwrap_or_else(|| backoff_for(sub, c.counted.max(1)));
+        let now = Instant::now();
+        let at = now + delay.unwrap_or_else(|| backoff_for(sub, c.counted.max(1)));
         c.state = CopyState::Waiting(at);
-        self.timers.push(Reverse((at, offset)));
+        if !self.try_park(offset, now) {
+            self.timers.push(Reverse((at, offset)));
+        }
     }
 
     /// Dead-letters copy `k` (or drops it when the subscription has no dead-letter topic).

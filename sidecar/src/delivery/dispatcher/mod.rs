@@ -32,12 +32,15 @@ use crate::store::TopicStore;
 
 mod events;
 mod expiry;
+mod parked;
 mod send;
 mod timers;
 
 pub use send::peer_message;
 
-/// Most messages a dispatcher holds in memory at once.
+/// Most messages a dispatcher holds in memory at once, in flight or ready to go; messages
+/// that wait for a long delay, a backoff or a member that is down are parked outside it
+/// (`parked.rs`).
 const WINDOW: usize = 8192;
 /// Most payload bytes a dispatcher holds in memory at once (large messages hit this first).
 const WINDOW_BYTES: usize = 64 << 20;
@@ -166,6 +169,8 @@ struct Dispatcher {
     /// When the next expiry sweep is due, and when the last one ran (`expiry.rs`).
     next_sweep: Option<Instant>,
     last_sweep: Instant,
+    /// Messages waiting outside the window (`parked.rs`).
+    parked: parked::Parked,
 }
 
 /// Runs the dispatcher of `setup.subscription` until `cancel`.
@@ -235,11 +240,15 @@ pub async fn run(
         counters,
         next_sweep: None,
         last_sweep: Instant::now(),
+        parked: parked::Parked::default(),
     };
     d.apply_setup(setup);
     let mut written = d.store.watch_written();
     let mut peers_changed = d.engine.peers.watch_liveness();
     loop {
+        if d.has_window() && d.parked.has_due() {
+            d.readmit().await;
+        }
         if d.has_window() && d.read_next < *written.borrow_and_update() {
             d.fill().await;
         }
@@ -247,8 +256,12 @@ pub async fn run(
         d.flush_settles();
         d.prune_timers();
         d.update_gauges();
-        let next_timer = d.timers.peek().map(|Reverse((at, _))| *at);
-        let more_to_read = d.has_window() && d.read_next < *written.borrow();
+        let next_timer = match (d.timers.peek(), d.parked.next_wake()) {
+            (Some(Reverse((a, _))), Some(b)) => Some((*a).min(b)),
+            (a, b) => a.map(|Reverse((a, _))| *a).or(b),
+        };
+        let more_to_read =
+            d.has_window() && (d.read_next < *written.borrow() || d.parked.has_due());
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
@@ -323,6 +336,7 @@ impl Dispatcher {
             })
             .collect();
         self.setup = setup;
+        self.wake_members();
         // Members may have joined: anything waiting for one may now go.
         let waiting: Vec<Offset> = self.entries.keys().copied().collect();
         self.ready.extend(waiting.into_iter().filter(|o| {
@@ -333,8 +347,14 @@ impl Dispatcher {
     }
 
     fn refresh_liveness(&mut self) {
+        let mut changed = false;
         for m in &mut self.members {
-            m.live = m.local || self.engine.peers.is_live(&m.address);
+            let live = m.local || self.engine.peers.is_live(&m.address);
+            changed |= live != m.live;
+            m.live = live;
+        }
+        if changed {
+            self.wake_members();
         }
     }
 

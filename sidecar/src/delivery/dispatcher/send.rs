@@ -33,8 +33,10 @@ impl Dispatcher {
             return;
         }
         if let Some(t) = not_before {
-            self.ready.remove(&offset);
-            self.timers.push(Reverse((t, offset)));
+            if !self.try_park(offset, now) {
+                self.ready.remove(&offset);
+                self.timers.push(Reverse((t, offset)));
+            }
             return;
         }
         if let Some(k) = &key
@@ -159,6 +161,10 @@ impl Dispatcher {
             }
         }
         self.maybe_finish(offset);
+        if !sent {
+            // Its copies may all wait for members that are down (Broadcast).
+            self.try_park(offset, now);
+        }
     }
 }
 

@@ -41,6 +41,7 @@ impl Dispatcher {
 
     pub(super) fn fire_timers(&mut self) {
         let now = Instant::now();
+        self.wake_parked(now);
         let mut queries: HashMap<Arc<str>, Vec<TimedOut>> = HashMap::new();
         let mut dead_letters = Vec::new();
         while let Some(Reverse((at, offset))) = self.timers.peek().copied() {
@@ -164,9 +165,12 @@ impl Dispatcher {
     }
 
     pub(super) fn update_gauges(&self) {
-        let age = self.entries.values().next().map_or(0.0, |e| {
-            now_ms().saturating_sub(e.message.publish_time_ms) as f64 / 1000.0
-        });
+        let held = self.entries.values().next().map(|e| e.message.publish_time_ms);
+        let oldest = match (held, self.parked.oldest_publish_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let age = oldest.map_or(0.0, |t| now_ms().saturating_sub(t) as f64 / 1000.0);
         self.counters.oldest.set(age);
     }
 }

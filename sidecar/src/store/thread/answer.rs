@@ -3,6 +3,7 @@
 
 use super::{READ_SCAN_ROUNDS, StoreThread};
 use crate::error::Error;
+use crate::log::{Offset, StoredMessage};
 use crate::store::{Command, ReadBatch};
 
 impl StoreThread {
@@ -16,6 +17,13 @@ impl StoreThread {
                 reply,
             } => {
                 let _ = reply.send(self.read(&subscription, from, max));
+            }
+            Command::ReadAt {
+                subscription,
+                offsets,
+                reply,
+            } => {
+                let _ = reply.send(self.read_at(&subscription, &offsets));
             }
             Command::Cursor {
                 subscription,
@@ -60,6 +68,30 @@ impl StoreThread {
             | Command::SetSubscriptions(_)
             | Command::Flush(_) => {}
         }
+    }
+
+    /// The records at `offsets` that `subscription` has not settled (parked messages read
+    /// back), under the same rules as `read`.
+    fn read_at(
+        &self,
+        subscription: &str,
+        offsets: &[Offset],
+    ) -> Result<Vec<(Offset, StoredMessage)>, Error> {
+        let mut out = Vec::with_capacity(offsets.len());
+        for &offset in offsets {
+            if offset >= self.visible
+                || self.refused.contains(&offset)
+                || self.log.is_settled(subscription, offset)
+            {
+                continue;
+            }
+            let found = self
+                .log
+                .read(offset, 1)
+                .map_err(|e| Error::from_log(&self.topic, e))?;
+            out.extend(found.into_iter().filter(|(o, _)| *o == offset));
+        }
+        Ok(out)
     }
 
     /// Reads for a dispatcher: only below the high watermark (`visible`), never a refused
