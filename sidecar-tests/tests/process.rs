@@ -34,8 +34,8 @@ mod process {
     pub mod replicated;
     pub mod reused_offsets;
     pub mod sigterm;
-    pub mod stuck_message;
     pub mod soak_bounds;
+    pub mod stuck_message;
     pub mod torn_tail;
     pub mod ttl_delay;
     pub mod zones;

@@ -12,10 +12,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use ferry_api::proto::v1::PublishRequest;
 use ferry_sidecar_tests::harness::{Behavior, TestMesh, spawn_consumer, wait_for};
 use ferry_sidecar_tests::history::History;
 use ferryctl::client::App;
-use ferry_api::proto::v1::PublishRequest;
 use tokio::time::Instant;
 
 use super::common::{RUN_LIMIT, drain_orders, orders_mesh};
@@ -42,7 +42,8 @@ async fn publish_all(
         tasks.push(tokio::spawn(async move {
             let mut refused = Vec::new();
             for id in part {
-                if let Err(status) = publish_with(&mut app, &history, "default/orders", &id, tweak).await
+                if let Err(status) =
+                    publish_with(&mut app, &history, "default/orders", &id, tweak).await
                 {
                     refused.push((id, status));
                 }
@@ -92,15 +93,24 @@ async fn one_stuck_message_does_not_fill_the_backlog() -> anyhow::Result<()> {
     // The stuck message first, nacked for ten minutes before the rest is published.
     let refused_stuck = publish_all(&mesh, &history, vec!["stuck".into()], stuck).await?;
     assert!(refused_stuck.is_empty(), "{refused_stuck:?}");
-    wait_for(Duration::from_secs(30), "the stuck message delivered", || {
-        history.deliveries_to("billing").iter().any(|d| d.message_id == "stuck")
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the stuck message delivered",
+        || {
+            history
+                .deliveries_to("billing")
+                .iter()
+                .any(|d| d.message_id == "stuck")
+        },
+    )
     .await?;
 
     // ~12,000 records of ~190 bytes: over 2 MiB, twice the limit.
     let ids: Vec<String> = (0..12_000).map(|i| format!("after-stuck-{i:05}")).collect();
     let refused = publish_all(&mesh, &history, ids, small).await?;
-    let first = refused.first().map(|(id, s)| format!("{id}: {:?} {}", s.code(), s.message()));
+    let first = refused
+        .first()
+        .map(|(id, s)| format!("{id}: {:?} {}", s.code(), s.message()));
     let c = drain_orders(&history, Duration::from_secs(120), "stuck_message").await;
     let c = c.unwrap_or_else(|e| {
         println!("stuck_message: {e}");

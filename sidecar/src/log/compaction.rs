@@ -33,8 +33,7 @@ impl DiskLog {
                     break;
                 }
                 for offset in base..seg.next() {
-                    if seg.record_len(offset).is_none() || self.settlements.settled_by_all(offset)
-                    {
+                    if seg.record_len(offset).is_none() || self.settlements.settled_by_all(offset) {
                         continue;
                     }
                     match seg.raw(offset, max_len)? {
@@ -53,10 +52,7 @@ impl DiskLog {
         let mut freed = 0;
         if !doomed.is_empty() {
             if !copies.is_empty() {
-                tracing::debug!(
-                    records = copies.len(),
-                    "carrying unsettled records forward"
-                );
+                tracing::debug!(records = copies.len(), "carrying unsettled records forward");
                 self.relocated.append(&copies)?;
                 self.relocated.sync().map_err(|e| self.fail(e))?;
             }

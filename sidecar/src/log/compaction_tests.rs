@@ -134,7 +134,11 @@ fn a_slow_consumer_is_not_copied() -> TestResult {
     settle_all_but(&mut log, "slow", 30, &[3])?;
     let segments = log.segment_count();
     log.compact()?;
-    assert_eq!(log.segment_count(), segments, "nothing deleted, nothing copied");
+    assert_eq!(
+        log.segment_count(),
+        segments,
+        "nothing deleted, nothing copied"
+    );
     assert_eq!(std::fs::metadata(dir.path().join(RELOCATED))?.len(), 0);
     Ok(())
 }
@@ -166,7 +170,11 @@ fn crash_mid_compaction(keep_settlements: bool) -> TestResult {
     }
     let (mut log, report) = open(dir.path(), small())?;
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(log.read(0, 10)?, vec![(3, msg(3)), (40, msg(40))], "once each");
+    assert_eq!(
+        log.read(0, 10)?,
+        vec![(3, msg(3)), (40, msg(40))],
+        "once each"
+    );
     assert_eq!(log.backlog_bytes(), len(3) + len(40), "counted once");
     // Compaction runs again and the result is the same.
     log.compact()?;

@@ -121,8 +121,7 @@ impl Log for MemoryLog {
                 }
             }
             MemoryRetention::DropOldest { max_bytes } => {
-                while !self.entries.is_empty()
-                    && self.held_bytes.saturating_add(batch) > max_bytes
+                while !self.entries.is_empty() && self.held_bytes.saturating_add(batch) > max_bytes
                 {
                     self.pop_front();
                 }
@@ -290,7 +289,11 @@ mod tests {
             "offset 0 settled by all is skipped"
         );
         let one = message_record_len(&msg(0)) as u64;
-        assert_eq!(log.backlog_bytes(), before - one, "forgotten once settled by all");
+        assert_eq!(
+            log.backlog_bytes(),
+            before - one,
+            "forgotten once settled by all"
+        );
         assert_eq!(log.first(), 1);
         assert_eq!(log.compact()?, 0);
         assert!(matches!(

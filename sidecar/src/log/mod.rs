@@ -9,6 +9,7 @@
 //! - `recovery.rs`: opening a directory's segments: torn-tail truncation, reporting of
 //!   corruption, and the `RecoveryReport`.
 //! - `disk.rs`: `DiskLog`, the segmented implementation with recovery and retention.
+//! - `backlog.rs`: the backlog of a `DiskLog`, kept per segment as records settle.
 //! - `compaction.rs`: deleting old segments, carrying their few unsettled records forward.
 //! - `relocated.rs`: `relocated.dat`, where those carried records live.
 //! - `ranges.rs`: offset sets kept as ranges (settled offsets, gone and lost ones).
@@ -26,13 +27,14 @@
 
 use std::ops::Range;
 
+mod backlog;
 mod compaction;
 mod disk;
 mod io;
 mod memory;
 pub mod powerloss;
-mod reaper;
 mod ranges;
+mod reaper;
 pub mod record;
 mod recovery;
 mod relocated;

@@ -87,7 +87,8 @@ impl Relocated {
                 }
                 parsed => {
                     let next = (pos + 1..buf.len()).find(|&p| {
-                        record::parse_frame(&buf[p..], max_len).is_ok_and(|f| f.kind == Kind::Message)
+                        record::parse_frame(&buf[p..], max_len)
+                            .is_ok_and(|f| f.kind == Kind::Message)
                     });
                     let Some(next) = next else { break };
                     tracing::error!(path = %path.display(), position = pos, error = ?parsed.err(),
@@ -165,7 +166,10 @@ impl Relocated {
         if records.is_empty() {
             return Ok(());
         }
-        let batch: Vec<u8> = records.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let batch: Vec<u8> = records
+            .iter()
+            .flat_map(|(_, b)| b.iter().copied())
+            .collect();
         let written = failpoint("log::write", &self.path)
             .and_then(|()| self.file.write_all_at(&batch, self.len));
         if let Err(source) = written {
@@ -219,9 +223,11 @@ impl Relocated {
             self.file
                 .read_exact_at(&mut buf, pos)
                 .map_err(io_err("read", &self.path))?;
-            out.push((offset, decode(Bytes::from(buf), offset, max_len).map_err(|e| {
-                format!("{} position {pos}: {e}", self.path.display())
-            })));
+            out.push((
+                offset,
+                decode(Bytes::from(buf), offset, max_len)
+                    .map_err(|e| format!("{} position {pos}: {e}", self.path.display())),
+            ));
         }
         Ok(())
     }

@@ -389,4 +389,48 @@ mod tests {
         assert_eq!(s.settled_above("a").collect::<Vec<_>>(), vec![12..13]);
         assert_eq!(s.acknowledged(), 10);
     }
+
+    #[test]
+    fn a_stuck_offset_costs_ranges_not_entries() -> Result<(), LogError> {
+        let mut s = Settlements::new(0);
+        s.register("a", 0);
+        s.register("b", 0);
+        for o in 1..100_000 {
+            assert_eq!(s.settle("a", o)?, Settled::Now);
+            assert_eq!(s.settle("b", o)?, Settled::NowByAll);
+        }
+        assert_eq!(s.acknowledged(), 0);
+        assert_eq!(
+            s.snapshot_entries(),
+            4,
+            "a cursor and one range per subscription"
+        );
+        assert!(s.settled_by_all(99_999) && !s.settled_by_all(0));
+        assert!(s.passed(100_000) && !s.passed(100_001));
+        s.settle("a", 0)?;
+        assert_eq!(s.settle("b", 0)?, Settled::NowByAll);
+        assert_eq!(s.acknowledged(), 100_000);
+        Ok(())
+    }
+
+    #[test]
+    fn gone_offsets_are_settled_for_later_subscriptions() -> Result<(), LogError> {
+        let mut s = Settlements::new(0);
+        s.register("a", 0);
+        for o in 1..10 {
+            s.settle("a", o)?;
+        }
+        s.mark_gone(1..10);
+        s.register("late", s.acknowledged());
+        assert_eq!(s.cursor("late"), Some(0));
+        assert!(s.is_settled("late", 5) && !s.is_settled("late", 0));
+        assert_eq!(s.unsettled_within("late", 0..12), vec![0..1, 10..12]);
+        assert_eq!(s.settle("late", 5)?, Settled::Before);
+        s.settle("a", 0)?;
+        s.settle("late", 0)?;
+        assert_eq!(s.acknowledged(), 10);
+        s.prune_gone();
+        assert_eq!(s.gone_ranges().count(), 0);
+        Ok(())
+    }
 }

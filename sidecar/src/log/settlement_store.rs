@@ -293,7 +293,10 @@ fn apply(state: &mut Settlements, frame: &Frame, body: &Bytes, next: Offset) -> 
             let name = r.string("subscription").map_err(|e| e.to_string())?;
             r.finish().map_err(|e| e.to_string())?;
             if end < frame.offset || end > next {
-                return Err(format!("settled range {}..{end} (next {next})", frame.offset));
+                return Err(format!(
+                    "settled range {}..{end} (next {next})",
+                    frame.offset
+                ));
             }
             // A settlement of an unregistered subscription is stale, not corrupt.
             let _ = state.settle_range(&name, frame.offset..end);

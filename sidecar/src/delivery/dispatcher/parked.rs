@@ -162,7 +162,12 @@ impl Dispatcher {
                 break;
             }
             self.parked.timers.pop();
-            if self.parked.stubs.get(&offset).is_some_and(|s| s.at == Some(at)) {
+            if self
+                .parked
+                .stubs
+                .get(&offset)
+                .is_some_and(|s| s.at == Some(at))
+            {
                 self.parked.due.insert(offset);
             }
         }

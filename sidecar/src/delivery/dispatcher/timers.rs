@@ -165,7 +165,11 @@ impl Dispatcher {
     }
 
     pub(super) fn update_gauges(&self) {
-        let held = self.entries.values().next().map(|e| e.message.publish_time_ms);
+        let held = self
+            .entries
+            .values()
+            .next()
+            .map(|e| e.message.publish_time_ms);
         let oldest = match (held, self.parked.oldest_publish_ms()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
