@@ -218,7 +218,7 @@ impl Metrics {
         );
         registry.register(
             "backlog_bytes",
-            "Bytes not yet settled by every subscription",
+            "Bytes of the records some subscription has not settled (record by record)",
             m.backlog_bytes.clone(),
         );
         registry.register(

@@ -79,6 +79,10 @@ impl Dispatcher {
         let Some(e) = self.entries.get(&offset) else {
             return false;
         };
+        if e.expires.is_some_and(|(t, _)| t <= now) {
+            // Expired, but a copy still backs off: it is given up once that wait is over.
+            return false;
+        }
         let far = now + PARK_AFTER;
         let mut at: Option<Instant> = None;
         let mut on_members = false;
