@@ -77,12 +77,7 @@ impl DiskLog {
             self.settlements.prune_gone();
         }
         if self.relocated.wants_rewrite() {
-            let before = self.relocated.file_len();
-            let settlements = &self.settlements;
-            let keep = |o: Offset| !settlements.settled_by_all(o);
-            let rewritten = self.relocated.rewrite(&keep);
-            rewritten.map_err(|e| self.fail(e))?;
-            freed += before.saturating_sub(self.relocated.file_len());
+            freed += self.rewrite_relocated()?;
         }
         if self.store.wants_rewrite(&self.settlements) {
             self.store
@@ -90,6 +85,34 @@ impl DiskLog {
                 .map_err(|e| self.fail(e))?;
         }
         Ok(freed)
+    }
+}
+
+impl DiskLog {
+    /// Rewrites `relocated.dat` without the records every subscription settled. They are
+    /// recorded as gone first, as for a deleted segment, so that a subscription registered
+    /// later does not wait for them and recovery does not take them for lost.
+    fn rewrite_relocated(&mut self) -> Result<u64, LogError> {
+        let mut dropped = super::ranges::RangeSet::new();
+        for o in self.relocated.offsets() {
+            if self.settlements.settled_by_all(o) {
+                dropped.insert(o);
+            }
+        }
+        for range in dropped.iter() {
+            self.store.gone(range)?;
+        }
+        self.store.sync().map_err(|e| self.fail(e))?;
+        for range in dropped.iter() {
+            self.settlements.mark_gone(range);
+        }
+        let before = self.relocated.file_len();
+        let settlements = &self.settlements;
+        let keep = |o: Offset| !settlements.settled_by_all(o);
+        let rewritten = self.relocated.rewrite(&keep);
+        rewritten.map_err(|e| self.fail(e))?;
+        self.settlements.prune_gone();
+        Ok(before.saturating_sub(self.relocated.file_len()))
     }
 }
 

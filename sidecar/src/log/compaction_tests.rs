@@ -243,3 +243,31 @@ fn a_missing_relocated_record_is_reported_lost() -> TestResult {
     assert!(log.lost().contains(&(40..41)));
     Ok(())
 }
+
+#[test]
+fn records_dropped_from_the_relocation_are_gone_for_later_subscriptions() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let (mut log, _) = open(dir.path(), small())?;
+        log.set_subscriptions(&subs(&["a"]))?;
+        fill(&mut log, 0, 600, 50)?;
+        settle_all_but(&mut log, "a", 600, &[3, 40])?;
+        log.compact()?;
+        // Both settle; the relocation is rewritten empty.
+        log.settle("a", 3, Settlement::Acked)?;
+        log.settle("a", 40, Settlement::Acked)?;
+        log.sync()?;
+        log.compact()?;
+        assert_eq!(std::fs::metadata(dir.path().join(RELOCATED))?.len(), 0);
+        log.set_subscriptions(&subs(&["a", "late"]))?;
+        assert!(log.is_settled("late", 40) && log.is_settled("late", 3));
+        assert_eq!(log.backlog_bytes(), 0);
+        log.sync()?;
+    }
+    // Not taken for records whose copy went missing.
+    let (log, report) = open(dir.path(), small())?;
+    assert!(report.is_clean(), "{report:?}");
+    assert!(log.is_settled("late", 40));
+    assert!(offsets(&log)?.is_empty());
+    Ok(())
+}

@@ -55,12 +55,7 @@ impl RangeSet {
             end = end.max(e);
         }
         // Ranges starting inside (or right after) the merged one are absorbed.
-        let absorbed: Vec<(Offset, Offset)> = self
-            .ranges
-            .range(start..=end)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in absorbed {
+        while let Some((&s, &e)) = self.ranges.range(start..=end).next() {
             self.ranges.remove(&s);
             end = end.max(e);
         }
@@ -69,13 +64,17 @@ impl RangeSet {
 
     /// Removes every offset below `floor`.
     pub fn remove_below(&mut self, floor: Offset) {
-        let mut kept = self.ranges.split_off(&floor);
-        if let Some((_, &e)) = self.ranges.iter().next_back()
-            && e > floor
-        {
-            kept.insert(floor, e);
+        while let Some(entry) = self.ranges.first_entry() {
+            let (s, e) = (*entry.key(), *entry.get());
+            if s >= floor {
+                return;
+            }
+            entry.remove();
+            if e > floor {
+                self.ranges.insert(floor, e);
+                return;
+            }
         }
-        self.ranges = kept;
     }
 
     /// The first range, if any.

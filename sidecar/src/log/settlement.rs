@@ -125,7 +125,13 @@ impl Settlements {
                 subscription: name.to_owned(),
             });
         };
-        if forgotten || offset < progress.cursor || !progress.above.insert(offset) {
+        if forgotten || offset < progress.cursor {
+            return Ok(Settled::Before);
+        }
+        if offset == progress.cursor {
+            // In order, the common case: no range to build.
+            progress.cursor += 1;
+        } else if !progress.above.insert(offset) {
             return Ok(Settled::Before);
         }
         advance(progress, &self.lost, &self.gone);
