@@ -431,6 +431,8 @@ impl Log for DiskLog {
     fn discard_unsynced(&mut self) -> Result<u64, LogError> {
         let dropped = self.active.truncate_to(self.durable)?;
         if dropped > 0 {
+            // The cut records no longer count as backlog.
+            self.recount();
             tracing::warn!(dir = %self.dir.display(), from = self.durable, dropped,
                 "records whose fsync failed were cut from the log: their publishers were refused");
         }
