@@ -11,6 +11,7 @@ mod process {
     pub mod common;
     pub mod dead_letter;
     pub mod dedup_restart;
+    pub mod delivered_outcomes;
     pub mod delivery_counts;
     pub mod dev_cli;
     pub mod dev_signals;
