@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use ferry_api::proto::v1::{AckLevel, PublishRequest};
+use ferry_api::proto::v1::{AckLevel, DeliveryOutcome, PublishRequest};
 
 use crate::client;
 
@@ -35,7 +35,8 @@ pub struct PublishArgs {
     #[arg(long)]
     pub id: Option<String>,
     /// When the sidecar answers: once `stored` (the topic's durability was met), at once
-    /// (`none`), or once every subscribed group's app acked (`delivered`).
+    /// (`none`), or once every subscription settled it (`delivered`: each one's outcome is
+    /// printed; an error unless every subscription it was for acked it).
     #[arg(long, value_enum, env = "FERRY_ACK_LEVEL", default_value_t = Level::Stored)]
     pub ack_level: Level,
 }
@@ -116,8 +117,24 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             } else {
                 ""
             };
+            let outcomes: Vec<String> = response
+                .deliveries
+                .iter()
+                .map(|d| {
+                    let outcome = DeliveryOutcome::try_from(d.outcome)
+                        .unwrap_or(DeliveryOutcome::Unspecified)
+                        .as_str_name();
+                    let outcome = outcome.strip_prefix("DELIVERY_OUTCOME_").unwrap_or(outcome);
+                    format!("{} {outcome}", d.subscription)
+                })
+                .collect();
+            let delivered = if outcomes.is_empty() {
+                String::new()
+            } else {
+                format!(" delivered: {}", outcomes.join(", "))
+            };
             println!(
-                "published {} id={} offset={}{dup}",
+                "published {} id={} offset={}{dup}{delivered}",
                 args.topic, response.message_id, response.offset
             );
         }

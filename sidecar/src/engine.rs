@@ -21,6 +21,7 @@ use crate::replica::holder::ReplicaLogs;
 use crate::replica::replicator::Replicator;
 use crate::store::{StoreOptions, TopicStore};
 
+mod delivered;
 mod publish;
 mod stored;
 mod unconfirmed;

@@ -49,6 +49,16 @@ pub enum Error {
     },
     #[error("timed out after {ms} ms waiting for {what}")]
     Timeout { what: &'static str, ms: u64 },
+    /// Ack level `DELIVERED` not met: the message is stored, and `deliveries` says what
+    /// each subscription made of it.
+    #[error("message {message_id:?} (offset {offset}) {summary}")]
+    NotDelivered {
+        message_id: String,
+        offset: u64,
+        kind: NotDelivered,
+        summary: String,
+        deliveries: Vec<ferry_api::proto::v1::SubscriptionOutcome>,
+    },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("log of topic {topic:?} failed: {source}")]
@@ -71,7 +81,27 @@ pub enum Error {
     },
 }
 
+/// Why a `DELIVERED` publish was not delivered as asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotDelivered {
+    /// A subscription gave it up (dead-lettered, dropped, expired, handed off): ABORTED.
+    GaveUp,
+    /// A subscription did not settle it within `delivered_timeout_ms`: DEADLINE_EXCEEDED.
+    TimedOut,
+    /// No subscription takes it (none at all, or every filter excludes it):
+    /// FAILED_PRECONDITION.
+    NoReceiver,
+}
+
 impl Error {
+    /// The per-subscription outcomes an error carries (ack level `DELIVERED`).
+    pub fn deliveries(&self) -> &[ferry_api::proto::v1::SubscriptionOutcome] {
+        match self {
+            Error::NotDelivered { deliveries, .. } => deliveries,
+            _ => &[],
+        }
+    }
+
     /// The error for a failed log operation on `topic`, keeping "backlog full" distinct.
     pub fn from_log(topic: &str, e: LogError) -> Self {
         match e {
@@ -101,6 +131,11 @@ impl Error {
             Error::BacklogFull { .. } => Code::ResourceExhausted,
             Error::ShuttingDown(_) | Error::ReplicasUnavailable { .. } => Code::Unavailable,
             Error::Timeout { .. } => Code::DeadlineExceeded,
+            Error::NotDelivered { kind, .. } => match kind {
+                NotDelivered::GaveUp => Code::Aborted,
+                NotDelivered::TimedOut => Code::DeadlineExceeded,
+                NotDelivered::NoReceiver => Code::FailedPrecondition,
+            },
             Error::Log { source, .. } => match source {
                 LogError::RecordTooLarge { .. } => Code::InvalidArgument,
                 LogError::BacklogFull { .. } => Code::ResourceExhausted,
@@ -138,6 +173,8 @@ impl Error {
                 Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
                 Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+                Code::Aborted => StatusCode::CONFLICT,
+                Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -155,6 +192,7 @@ pub fn to_proto(e: &Error) -> ferry_api::proto::v1::Error {
     ferry_api::proto::v1::Error {
         code: e.code() as i32,
         message: e.to_string(),
+        deliveries: e.deliveries().to_vec(),
     }
 }
 

@@ -3,7 +3,10 @@
 //! - `POST /v1/topics/{ns}/{topic}/publish`: body `{"payload": "text"}` or
 //!   `{"payload_base64": "..."}`, optional `key`, `headers`, `message_id`, `ttl_ms`,
 //!   `delay_ms`, `deliver_at_ms`, `ack_level` (`none`, `stored`, `delivered`), `delivered_timeout_ms`;
-//!   answers `{"message_id", "offset", "duplicate"}`.
+//!   answers `{"message_id", "offset", "duplicate"}`, and with `ack_level: delivered` each
+//!   subscription's outcome, `"deliveries": [{"subscription", "outcome"}]` (`ACKED`,
+//!   `FILTERED`, `DEAD_LETTERED`, `DROPPED`, `EXPIRED`, `TIMED_OUT`, `HANDED_OFF`), also in
+//!   the error when not every subscription acked (409, 504, or 412 with no subscription).
 //! - `POST /v1/subscriptions/{ns}/{sub}/fetch?max=N&wait_ms=M`: up to `N` (default 10, at
 //!   most 1000) deliveries, waiting up to `M` ms (default 1000, at most 30000) for the
 //!   first; unacked ones are redelivered after the subscription's ackWait.
@@ -25,7 +28,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine as _;
-use ferry_api::proto::v1::{AckLevel, Delivery, PublishRequest};
+use ferry_api::proto::v1::{
+    AckLevel, Delivery, DeliveryOutcome, PublishRequest, SubscriptionOutcome,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -37,9 +42,25 @@ pub const HTTP_MAX_BODY: usize = (4 << 20) * 4 / 3 + (64 << 10);
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": code_name(self.code()), "message": self.to_string()}});
-        (self.http_status(), Json(body)).into_response()
+        let mut error = json!({"code": code_name(self.code()), "message": self.to_string()});
+        if let Error::NotDelivered { deliveries, .. } = &self {
+            error["deliveries"] = deliveries_json(deliveries);
+        }
+        (self.http_status(), Json(json!({ "error": error }))).into_response()
     }
+}
+
+/// Each subscription's outcome as `[{"subscription": "ns/name", "outcome": "ACKED"}]`.
+fn deliveries_json(list: &[SubscriptionOutcome]) -> serde_json::Value {
+    list.iter()
+        .map(|d| {
+            let name = DeliveryOutcome::try_from(d.outcome)
+                .unwrap_or(DeliveryOutcome::Unspecified)
+                .as_str_name();
+            let name = name.strip_prefix("DELIVERY_OUTCOME_").unwrap_or(name);
+            json!({"subscription": d.subscription, "outcome": name})
+        })
+        .collect()
 }
 
 /// The gRPC name of a code (`NOT_FOUND`), so both APIs spell errors alike.
@@ -196,10 +217,12 @@ async fn publish(
         .await
         .pop()
         .unwrap_or_else(|| Err(Error::Internal("no publish result".into())))?;
-    Ok(
-        Json(json!({"message_id": r.message_id, "offset": r.offset, "duplicate": r.duplicate}))
-            .into_response(),
-    )
+    let mut answer =
+        json!({"message_id": r.message_id, "offset": r.offset, "duplicate": r.duplicate});
+    if ack_level == AckLevel::Delivered && !r.duplicate {
+        answer["deliveries"] = deliveries_json(&r.deliveries);
+    }
+    Ok(Json(answer).into_response())
 }
 
 async fn fetch(

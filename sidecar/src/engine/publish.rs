@@ -8,14 +8,14 @@ use std::time::Duration;
 use ferry_api::crd::Durability;
 use ferry_api::proto::v1::{AckLevel, PublishRequest, PublishResponse};
 use ferry_api::routing::RoutingTable;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 use super::Engine;
 use crate::error::Error;
 use crate::log::StoredMessage;
 use crate::metrics::Metrics;
 use crate::routing::{may_publish, qualify};
-use crate::store::{AppendItem, AppendOutcome};
+use crate::store::{AppendItem, AppendOutcome, DeliveryReport};
 
 /// Default wait of ack level `DELIVERED`.
 const DELIVERED_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,7 +26,7 @@ struct Pending {
     item: AppendItem,
     level: AckLevel,
     timeout: Duration,
-    delivered: Option<oneshot::Receiver<()>>,
+    delivered: Option<watch::Receiver<DeliveryReport>>,
 }
 
 /// A UUIDv7 message id (time-ordered) whose random part comes from the thread-local
@@ -88,7 +88,7 @@ impl Engine {
             let level = r.ack_level();
             let (delivered_tx, delivered_rx) = match level {
                 AckLevel::Delivered => {
-                    let (tx, rx) = oneshot::channel();
+                    let (tx, rx) = watch::channel(DeliveryReport::default());
                     (Some(tx), Some(rx))
                 }
                 _ => (None, None),
@@ -207,6 +207,7 @@ impl Engine {
                             message_id: id,
                             offset: 0,
                             duplicate: false,
+                            deliveries: Vec::new(),
                         }));
                     }
                     continue;
@@ -228,26 +229,18 @@ impl Engine {
                             AppendOutcome::Stored(o) => (o, false),
                             AppendOutcome::Duplicate(o) => (o, true),
                         };
-                        let mut r = Ok(PublishResponse {
+                        let response = PublishResponse {
                             message_id: id,
                             offset,
                             duplicate,
-                        });
-                        if level == AckLevel::Delivered
-                            && !duplicate
-                            && let Some(rx) = rx
-                        {
-                            r = match tokio::time::timeout(timeout, rx).await {
-                                Ok(Ok(())) => r,
-                                Ok(Err(_)) => {
-                                    Err(Error::Internal("the store stopped before delivery".into()))
-                                }
-                                Err(_) => Err(Error::Timeout {
-                                    what: "every subscribed group to ack",
-                                    ms: timeout.as_millis() as u64,
-                                }),
-                            };
-                        }
+                            deliveries: Vec::new(),
+                        };
+                        let r = match rx {
+                            Some(rx) if level == AckLevel::Delivered && !duplicate => {
+                                super::delivered::wait(response, rx, timeout).await
+                            }
+                            _ => Ok(response),
+                        };
                         results[i] = Some(r);
                     }
                 }

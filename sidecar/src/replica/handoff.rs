@@ -19,9 +19,9 @@ use super::Moved;
 use super::replicator::Replicator;
 use super::trims;
 use crate::engine::Engine;
-use crate::log::{Offset, Settlement};
+use crate::log::Offset;
 use crate::metrics::Metrics;
-use crate::store::{TopicStore, UnsettledRecord};
+use crate::store::{Outcome, TopicStore, UnsettledRecord};
 
 /// Messages per `TakeCustody` request.
 const CHUNK: usize = 512;
@@ -82,9 +82,9 @@ async fn hand_off_topic(engine: &Arc<Engine>, store: &Arc<TopicStore>, deadline:
             .flat_map(|r| {
                 subs.iter()
                     .filter(|s| !r.settled_by.contains(s))
-                    .map(move |s| (s.clone(), r.offset, Settlement::Dropped))
+                    .map(move |s| (s.clone(), r.offset, Outcome::HandedOff))
             })
-            .collect::<Vec<(Arc<str>, Offset, Settlement)>>();
+            .collect::<Vec<(Arc<str>, Offset, Outcome)>>();
         store.settle(settle);
         if store.durability == Durability::Replicated {
             let ids = chunk.iter().map(|r| r.message.id.clone());

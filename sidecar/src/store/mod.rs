@@ -25,6 +25,7 @@ pub mod dedup;
 pub mod dedup_journal;
 mod held;
 pub mod key_sequences;
+pub mod outcome;
 mod settled_index;
 mod tail;
 #[cfg(test)]
@@ -47,17 +48,17 @@ use tokio::sync::{oneshot, watch};
 use self::dedup::DedupWindow;
 pub use self::held::Held;
 use self::key_sequences::KeySequences;
+pub use self::outcome::{DeliveryReport, Outcome};
 use crate::error::Error;
-use crate::log::{
-    DiskLog, DiskLogConfig, Log, MemoryLog, MemoryRetention, Offset, Settlement, StoredMessage,
-};
+use crate::log::{DiskLog, DiskLogConfig, Log, MemoryLog, MemoryRetention, Offset, StoredMessage};
 
 /// A message to append, with the publisher's wish to hear about its delivery.
 #[derive(Debug)]
 pub struct AppendItem {
     pub message: StoredMessage,
-    /// Fired once every subscription settled the message (ack level `DELIVERED`).
-    pub delivered: Option<oneshot::Sender<()>>,
+    /// Ack level `DELIVERED`: told each subscription's outcome as it settles the message,
+    /// and `done` once every one did (see `outcome.rs`).
+    pub delivered: Option<watch::Sender<DeliveryReport>>,
     /// Stored even if its id is in the dedup window: a producer re-learning messages it
     /// lost cannot trust a window that may name records the log no longer has.
     pub bypass_dedup: bool,
@@ -124,8 +125,9 @@ impl StoreStats {
     }
 }
 
-/// Settlement of one offset by one subscription.
-pub type SettleItem = (Arc<str>, Offset, Settlement);
+/// Settlement of one offset by one subscription, and how (the log keeps
+/// [`Outcome::settlement`]; a `DELIVERED` publish hears the outcome).
+pub type SettleItem = (Arc<str>, Offset, Outcome);
 
 /// The answer to an append once the topic's durability is met.
 pub type AppendReply = oneshot::Sender<Result<Vec<AppendOutcome>, Error>>;
@@ -168,6 +170,9 @@ pub(crate) enum Command {
         replicated: bool,
     },
     Settle(Vec<SettleItem>),
+    /// Outcomes of offsets already settled (an `AtMostOnce` app's answer after the send),
+    /// for `DELIVERED` publishes only; the log is not touched.
+    Report(Vec<SettleItem>),
     Read {
         subscription: Arc<str>,
         from: Offset,
@@ -422,6 +427,13 @@ impl TopicStore {
     pub fn settle(&self, items: Vec<SettleItem>) {
         if !items.is_empty() && self.send(Command::Settle(items)).is_err() {
             tracing::warn!(topic = %self.topic, "settlement after the store stopped; it will be redelivered");
+        }
+    }
+
+    /// Reports outcomes of offsets settled earlier (see [`Command::Report`]).
+    pub fn report(&self, items: Vec<SettleItem>) {
+        if !items.is_empty() {
+            let _ = self.send(Command::Report(items));
         }
     }
 

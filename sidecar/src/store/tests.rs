@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use ferry_api::crd::{Durability, Ordering};
 use ferry_api::routing::TopicEntry;
-use tokio::sync::oneshot;
 
 use super::*;
 use crate::log::tests::msg;
@@ -86,16 +85,12 @@ async fn backlog_limit_refuses_naming_the_limit_and_stores_nothing() {
         2
     );
     // Settling frees room.
-    s.settle(vec![(
-        Arc::from("ns/sub"),
-        0,
-        crate::log::Settlement::Acked,
-    )]);
+    s.settle(vec![(Arc::from("ns/sub"), 0, Outcome::Acked)]);
     append(&s, &[3, 4]).await.unwrap();
 }
 
 #[tokio::test]
-async fn delivered_waiter_fires_when_every_subscription_settled() {
+async fn delivered_waiter_hears_each_subscription_and_ends_when_all_settled() {
     let s = TopicStore::open(
         &entry(Durability::Memory),
         std::path::Path::new("/nonexistent"),
@@ -103,7 +98,7 @@ async fn delivered_waiter_fires_when_every_subscription_settled() {
     )
     .unwrap();
     s.set_subscriptions(vec!["ns/a".into(), "ns/b".into()]);
-    let (tx, mut rx) = oneshot::channel();
+    let (tx, mut rx) = tokio::sync::watch::channel(DeliveryReport::default());
     let out = s
         .append(vec![AppendItem {
             message: msg(1),
@@ -116,14 +111,17 @@ async fn delivered_waiter_fires_when_every_subscription_settled() {
         .unwrap()
         .unwrap();
     assert_eq!(out, vec![AppendOutcome::Stored(0)]);
-    s.settle(vec![(Arc::from("ns/a"), 0, crate::log::Settlement::Acked)]);
+    s.settle(vec![(Arc::from("ns/a"), 0, Outcome::Acked)]);
     s.flush().await.unwrap();
-    assert!(rx.try_recv().is_err(), "one subscription is not enough");
-    s.settle(vec![(Arc::from("ns/b"), 0, crate::log::Settlement::Acked)]);
-    tokio::time::timeout(Duration::from_secs(2), rx)
+    assert!(!rx.borrow().done, "one subscription is not enough");
+    s.settle(vec![(Arc::from("ns/b"), 0, Outcome::Dropped)]);
+    let report = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|r| r.done))
         .await
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .clone();
+    assert_eq!(report.final_outcome("ns/a"), Some(Outcome::Acked));
+    assert_eq!(report.final_outcome("ns/b"), Some(Outcome::Dropped));
     assert!(s.stats.drained());
 }
 
@@ -135,11 +133,7 @@ async fn unsettled_records_and_settlements_survive_a_restart() {
         let s = TopicStore::open(&e, dir.path(), &opts()).unwrap();
         s.set_subscriptions(vec!["ns/sub".into()]);
         append(&s, &[1, 2, 3]).await.unwrap();
-        s.settle(vec![(
-            Arc::from("ns/sub"),
-            1,
-            crate::log::Settlement::Acked,
-        )]);
+        s.settle(vec![(Arc::from("ns/sub"), 1, Outcome::Acked)]);
         s.close().await;
     }
     let s = TopicStore::open(&e, dir.path(), &opts()).unwrap();
@@ -191,7 +185,7 @@ async fn replicated_store_reports_settled_ids_and_what_it_holds() {
 
     // Offset 2 settled by both (out of order), offset 0 by one only: 2 is reported
     // settled, 0 settled by ns/a.
-    let settle = |o: u64, sub: &str| (Arc::<str>::from(sub), o, Settlement::Acked);
+    let settle = |o: u64, sub: &str| (Arc::<str>::from(sub), o, Outcome::Acked);
     s.settle(vec![
         settle(2, "ns/a"),
         settle(2, "ns/b"),
@@ -281,7 +275,7 @@ async fn an_append_settled_by_some_subscriptions_is_read_by_the_others_only() {
 
     // What a stopping sidecar hands off: each record with who settled it.
     let subs = [Arc::<str>::from("ns/a"), Arc::from("ns/b")];
-    s.settle(vec![(Arc::from("ns/b"), 1, Settlement::Acked)]);
+    s.settle(vec![(Arc::from("ns/b"), 1, Outcome::Acked)]);
     let unsettled = s.unsettled(&subs).await.unwrap();
     let got: Vec<(u64, Vec<Arc<str>>)> = unsettled
         .into_iter()

@@ -8,17 +8,18 @@ use std::time::{Duration, Instant};
 
 use ferry_api::crd::Durability;
 use ferry_api::routing::TopicEntry;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use super::dedup::DedupWindow;
 use super::key_sequences::KeySequences;
 use super::settled_index::SettledIndex;
 use super::tail::Tail;
 use super::{
-    Answer, AppendOutcome, AppendReply, Command, Held, HeldReply, StoreOptions, StoreStats,
+    Answer, AppendOutcome, AppendReply, Command, DeliveryReport, Held, HeldReply, Outcome,
+    StoreOptions, StoreStats,
 };
 use crate::error::Error;
-use crate::log::{Log, Offset, Settlement};
+use crate::log::{Log, Offset};
 
 /// Most commands handled in one round; bounds the latency of the first one.
 const MAX_ROUND: usize = 4096;
@@ -30,6 +31,7 @@ const READ_SCAN_ROUNDS: usize = 8;
 mod answer;
 mod append;
 mod poison;
+mod waiters;
 
 /// An append's answer, ready to send once the high watermark moved.
 enum Ready {
@@ -62,7 +64,8 @@ pub(super) struct StoreThread {
     /// Ordered topics: the per-key numbering (see `key_sequences.rs`).
     key_sequences: Option<KeySequences>,
     subscriptions: Vec<String>,
-    delivered_waiters: HashMap<Offset, Vec<oneshot::Sender<()>>>,
+    /// `DELIVERED` publishes waiting, by offset (`waiters.rs`).
+    delivered_waiters: HashMap<Offset, Vec<watch::Sender<DeliveryReport>>>,
     stats: Arc<StoreStats>,
     written_tx: watch::Sender<Offset>,
     /// Something written or settled since the last sync.
@@ -173,6 +176,10 @@ impl StoreThread {
                     }
                     self.release(offsets, replicated);
                 }
+                Command::Report(items) => {
+                    self.record_outcomes(&items);
+                    settled_any = true;
+                }
                 Command::Settle(items) => {
                     settled_any |= !items.is_empty();
                     if self.settled_index.is_some() {
@@ -254,7 +261,7 @@ impl StoreThread {
             };
             if result.is_ok() {
                 for (offset, tx) in waiters {
-                    self.delivered_waiters.entry(offset).or_default().push(tx);
+                    self.wait_for_delivery(offset, tx);
                 }
             }
             answers.push(self.hold(reply, result));
@@ -322,14 +329,14 @@ impl StoreThread {
             self.held.remove(o);
         }
         if !replicated {
+            let mut settles = Vec::new();
             for o in offsets {
                 for sub in &self.subscriptions {
-                    if self.log.settle(sub, o, Settlement::Dropped).is_ok() {
-                        self.dirty = true;
-                    }
+                    settles.push((Arc::from(sub.as_str()), o, Outcome::Dropped));
                 }
                 self.refused.insert(o);
             }
+            self.settle(settles);
         }
         self.advance_visible();
     }
@@ -352,8 +359,9 @@ impl StoreThread {
     }
 
     fn settle(&mut self, items: Vec<super::SettleItem>) {
+        self.record_outcomes(&items);
         for (sub, offset, how) in items {
-            match self.log.settle(&sub, offset, how) {
+            match self.log.settle(&sub, offset, how.settlement()) {
                 Ok(()) => self.dirty = true,
                 // A subscription removed from the table meanwhile: nothing to keep.
                 Err(e) => {
@@ -361,24 +369,6 @@ impl StoreThread {
                 }
             }
         }
-    }
-
-    fn fire_delivered_waiters(&mut self) {
-        if self.delivered_waiters.is_empty() {
-            return;
-        }
-        let subs = &self.subscriptions;
-        let log = &self.log;
-        self.delivered_waiters.retain(|offset, waiters| {
-            let done =
-                *offset < log.acknowledged() || subs.iter().all(|s| log.is_settled(s, *offset));
-            if done {
-                for tx in waiters.drain(..) {
-                    let _ = tx.send(());
-                }
-            }
-            !done
-        });
     }
 
     fn publish_stats(&self) {

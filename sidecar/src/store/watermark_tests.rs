@@ -8,8 +8,8 @@ use std::time::Duration;
 use ferry_api::crd::Durability;
 
 use super::*;
-use crate::log::LogError;
 use crate::log::tests::msg;
+use crate::log::{LogError, Settlement};
 
 /// A memory log whose `sync` fails (and poisons it) while `fail` is set, as a disk's
 /// fsync can: `durable()` stays where the last good sync left it.

@@ -5,12 +5,13 @@ use std::cmp::Reverse;
 use std::time::{Duration, Instant};
 
 use ferry_api::crd::Qos;
-use ferry_api::proto::v1::{DeliveryState, Outcome, Settled};
+use ferry_api::proto::v1::{DeliveryState, Outcome as WireOutcome, Settled};
 
 use super::{Copy, CopyState, DLQ_RETRY, Dispatcher, REJECT_RETRY, now_ms};
 use crate::delivery::Event;
 use crate::delivery::policy::{backoff_for, dead_letter};
-use crate::log::{Offset, Settlement};
+use crate::log::Offset;
+use crate::store::Outcome;
 
 impl Dispatcher {
     pub(super) fn handle(&mut self, e: Event) {
@@ -19,10 +20,18 @@ impl Dispatcher {
                 let Some(k) = self.find_in_flight(settled.offset, &from, settled.attempt) else {
                     // `AtMostOnce` copies are settled when sent, so the answer finds none in
                     // flight; anything but an ack is then a delivery that failed, dropped.
-                    if self.setup.subscription.qos == Qos::AtMostOnce
-                        && settled.outcome != Outcome::Acked as i32
-                    {
-                        self.counters.dropped.inc();
+                    if self.setup.subscription.qos == Qos::AtMostOnce {
+                        let acked = settled.outcome == WireOutcome::Acked as i32;
+                        if !acked {
+                            self.counters.dropped.inc();
+                        }
+                        // The app's answer is what a `DELIVERED` publish waits for.
+                        let how = if acked {
+                            Outcome::Acked
+                        } else {
+                            Outcome::Dropped
+                        };
+                        self.reports.push((self.sub.clone(), settled.offset, how));
                     }
                     return;
                 };
@@ -32,9 +41,9 @@ impl Dispatcher {
                 let offset = settled.offset;
                 let pod = self.release_member(offset, k);
                 let attempt = settled.attempt;
-                match Outcome::try_from(settled.outcome) {
-                    Ok(Outcome::Acked) => self.acked(offset, k),
-                    Ok(Outcome::Rejected) => {
+                match WireOutcome::try_from(settled.outcome) {
+                    Ok(WireOutcome::Acked) => self.acked(offset, k),
+                    Ok(WireOutcome::Rejected) => {
                         self.note(
                             offset,
                             k,
@@ -62,6 +71,11 @@ impl Dispatcher {
             } => {
                 for (offset, attempt) in items {
                     let Some(k) = self.find_in_flight(offset, &addr, attempt) else {
+                        // An `AtMostOnce` copy settled when sent: it is lost, dropped.
+                        if self.setup.subscription.qos == Qos::AtMostOnce {
+                            self.reports
+                                .push((self.sub.clone(), offset, Outcome::Dropped));
+                        }
                         continue;
                     };
                     let pod = self.release_member(offset, k);
@@ -123,7 +137,14 @@ impl Dispatcher {
                 };
                 match result {
                     Ok(()) => {
-                        e.copies[copy].state = CopyState::Done(Settlement::DeadLettered);
+                        let dead_lettered = if expired(e) {
+                            Outcome::Expired {
+                                dead_lettered: true,
+                            }
+                        } else {
+                            Outcome::DeadLettered
+                        };
+                        e.copies[copy].state = CopyState::Done(dead_lettered);
                         self.counters.dead_lettered.inc();
                         self.maybe_finish(offset);
                     }
@@ -208,7 +229,7 @@ impl Dispatcher {
         let Some(e) = self.entries.get_mut(&offset) else {
             return;
         };
-        e.copies[k].state = CopyState::Done(Settlement::Acked);
+        e.copies[k].state = CopyState::Done(Outcome::Acked);
         self.counters.acked.inc();
         let age_ms = now_ms().saturating_sub(e.message.publish_time_ms);
         self.counters.latency.observe(age_ms as f64 / 1000.0);
@@ -232,7 +253,7 @@ impl Dispatcher {
             c.counted = c.counted.saturating_sub(1);
         }
         if sub.qos == Qos::AtMostOnce {
-            c.state = CopyState::Done(Settlement::Dropped);
+            c.state = CopyState::Done(Outcome::Dropped);
             self.counters.dropped.inc();
             self.maybe_finish(offset);
             return;
@@ -295,7 +316,15 @@ impl Dispatcher {
             }
             None => {
                 tracing::warn!(subscription = %self.sub, offset, %reason, "dropping message: no dead-letter topic");
-                c.state = CopyState::Done(Settlement::Dropped);
+                let is_expired = expired(e);
+                let Some(c) = e.copies.get_mut(k) else { return };
+                c.state = CopyState::Done(if is_expired {
+                    Outcome::Expired {
+                        dead_lettered: false,
+                    }
+                } else {
+                    Outcome::Dropped
+                });
                 self.counters.dropped.inc();
                 self.maybe_finish(offset);
             }
@@ -314,19 +343,16 @@ impl Dispatcher {
         {
             return;
         }
+        // A broadcast group's copies: the worst outcome speaks for the subscription.
         let how = e
             .copies
             .iter()
             .map(|c| match c.state {
                 CopyState::Done(s) => s,
-                _ => Settlement::Acked,
+                _ => Outcome::Acked,
             })
-            .max_by_key(|s| match s {
-                Settlement::Acked => 0,
-                Settlement::Dropped => 1,
-                Settlement::DeadLettered => 2,
-            })
-            .unwrap_or(Settlement::Acked);
+            .max_by_key(|s| s.severity())
+            .unwrap_or(Outcome::Acked);
         let removed = self.entries.remove(&offset);
         if let Some(e) = &removed {
             self.entry_bytes = self.entry_bytes.saturating_sub(e.message.payload.len());
@@ -353,4 +379,9 @@ impl Dispatcher {
         self.ready.remove(&offset);
         self.settles.push((self.sub.clone(), offset, how));
     }
+}
+
+/// Whether `e`'s TTL or `retention.maxAge` has passed.
+fn expired(e: &super::Entry) -> bool {
+    e.expires.is_some_and(|(t, _)| t <= Instant::now())
 }

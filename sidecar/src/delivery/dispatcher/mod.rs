@@ -26,8 +26,9 @@ use super::select::Member;
 use super::{Event, Setup};
 use crate::consumer::{Incoming, ReplyTo};
 use crate::engine::Engine;
-use crate::log::{Offset, Settlement, StoredMessage};
+use crate::log::{Offset, StoredMessage};
 use crate::metrics::Metrics;
+use crate::store::Outcome;
 use crate::store::TopicStore;
 
 mod events;
@@ -71,7 +72,7 @@ enum CopyState {
     },
     DeadLettering,
     DeadLetterWait(Instant),
-    Done(Settlement),
+    Done(Outcome),
 }
 
 #[derive(Debug)]
@@ -165,6 +166,9 @@ struct Dispatcher {
     read_next: Offset,
     rr: usize,
     settles: Vec<crate::store::SettleItem>,
+    /// `AtMostOnce` apps' answers to messages settled when sent (for `DELIVERED`
+    /// publishes), sent with the settlements.
+    reports: Vec<crate::store::SettleItem>,
     counters: Counters,
     /// When the next expiry sweep is due, and when the last one ran (`expiry.rs`).
     next_sweep: Option<Instant>,
@@ -237,6 +241,7 @@ pub async fn run(
         read_next,
         rr: 0,
         settles: Vec::new(),
+        reports: Vec::new(),
         counters,
         next_sweep: None,
         last_sweep: Instant::now(),
@@ -382,7 +387,7 @@ impl Dispatcher {
             }
             if !matches_filter(&self.setup.subscription, &message) {
                 self.settles
-                    .push((self.sub.clone(), offset, Settlement::Acked));
+                    .push((self.sub.clone(), offset, Outcome::Filtered));
                 continue;
             }
             let since =

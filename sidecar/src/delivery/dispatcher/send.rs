@@ -10,7 +10,8 @@ use ferry_api::proto::v1::{Deliver, PeerMessage};
 use super::{Copy, CopyState, Dispatcher, LOCAL_ADDR, Outbox};
 use crate::consumer::Incoming;
 use crate::delivery::select;
-use crate::log::{Offset, Settlement, StoredMessage};
+use crate::log::{Offset, StoredMessage};
+use crate::store::Outcome;
 
 impl Dispatcher {
     /// Sends the idle copies of `offset` where they can go now.
@@ -71,7 +72,7 @@ impl Dispatcher {
                 Some(pod) => match self.members.iter().position(|m| &m.pod == pod) {
                     None => {
                         // The member left the group: its copy is void.
-                        copy.state = CopyState::Done(Settlement::Acked);
+                        copy.state = CopyState::Done(Outcome::Acked);
                         continue;
                     }
                     Some(i) if self.members[i].live && self.members[i].in_flight < max => Some(i),
@@ -156,7 +157,7 @@ impl Dispatcher {
                     continue;
                 }
                 if let Some(e) = self.entries.get_mut(&offset) {
-                    e.copies[k].state = CopyState::Done(Settlement::Acked);
+                    e.copies[k].state = CopyState::Done(Outcome::Sent);
                 }
             }
         }

@@ -162,6 +162,9 @@ impl Dispatcher {
         if !self.settles.is_empty() {
             self.store.settle(std::mem::take(&mut self.settles));
         }
+        if !self.reports.is_empty() {
+            self.store.report(std::mem::take(&mut self.reports));
+        }
     }
 
     pub(super) fn update_gauges(&self) {

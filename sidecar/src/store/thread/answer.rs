@@ -65,6 +65,7 @@ impl StoreThread {
             Command::Append { .. }
             | Command::Release { .. }
             | Command::Settle(_)
+            | Command::Report(_)
             | Command::SetSubscriptions(_)
             | Command::Flush(_) => {}
         }

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_api::crd::Durability;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 use super::StoreThread;
 use crate::error::Error;
 use crate::log::record::message_record_len;
 use crate::log::{LogError, Offset, Settlement};
 use crate::store::Answer;
-use crate::store::{AppendItem, AppendOutcome};
+use crate::store::{AppendItem, AppendOutcome, DeliveryReport};
 
 impl StoreThread {
     #[allow(clippy::type_complexity)]
@@ -23,7 +23,7 @@ impl StoreThread {
     ) -> Vec<(
         Answer,
         Result<Vec<AppendOutcome>, Error>,
-        Vec<(Offset, oneshot::Sender<()>)>,
+        Vec<(Offset, watch::Sender<DeliveryReport>)>,
     )> {
         let now = Instant::now();
         let base = self.log.written();
