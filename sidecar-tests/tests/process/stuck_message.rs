@@ -8,6 +8,9 @@
 //! - **Window**: more than 8,192 messages published with a 10-minute delay are held by the
 //!   producer's dispatcher; undelayed messages published after them are still delivered at
 //!   once, and no delayed one is delivered early.
+//! - **Key-scoped head-of-line**: on an ordered topic, the first message of a key is nacked
+//!   for ten minutes and 8,500 more of that key wait behind it; messages of other keys
+//!   published after them are still delivered, and nothing more of the stuck key is.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -65,6 +68,15 @@ fn small(r: &mut PublishRequest) {
 fn stuck(r: &mut PublishRequest) {
     r.key = Some("stuck".into());
     r.payload = b"stuck!".to_vec().into();
+}
+
+fn poison(r: &mut PublishRequest) {
+    r.key = Some("poison".into());
+}
+
+fn other_key(r: &mut PublishRequest) {
+    let n = r.message_id.bytes().last().unwrap_or(b'0');
+    r.key = Some(format!("key-{}", char::from(n)));
 }
 
 fn delayed(r: &mut PublishRequest) {
@@ -193,6 +205,76 @@ async fn delayed_messages_do_not_hold_up_later_ones() -> anyhow::Result<()> {
     assert!(refused.is_empty(), "refused: {:?}", refused.first());
     waited?;
     assert_eq!(early, 0, "delayed messages delivered before their delay");
+    consumer.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_key_holds_up_only_itself() -> anyhow::Result<()> {
+    const STUCK: usize = 8_500;
+    const OTHERS: usize = 200;
+    let mesh = orders_mesh("durability: Disk, ordering: Key", "ackWait: 30s").await?;
+    let history = History::default();
+    let consumer = spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        &history,
+        Behavior::NackKey("poison", TEN_MINUTES_MS),
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+    let head = publish_all(&mesh, &history, vec!["poison-head".into()], poison).await?;
+    wait_for(Duration::from_secs(30), "the poison head delivered", || {
+        !history.deliveries_to("billing").is_empty()
+    })
+    .await?;
+    let stuck_ids: Vec<String> = (0..STUCK).map(|i| format!("poison-{i:05}")).collect();
+    let mut refused = head;
+    refused.extend(publish_all(&mesh, &history, stuck_ids, poison).await?);
+    let other_ids: Vec<String> = (0..OTHERS).map(|i| format!("other-{i:05}")).collect();
+    refused.extend(publish_all(&mesh, &history, other_ids.clone(), other_key).await?);
+
+    let wanted: BTreeSet<String> = other_ids.into_iter().collect();
+    let delivered_others = || {
+        history
+            .deliveries_to("billing")
+            .into_iter()
+            .filter(|d| wanted.contains(&d.message_id))
+            .map(|d| d.message_id)
+            .collect::<BTreeSet<_>>()
+    };
+    let waited = wait_for(
+        Duration::from_secs(60),
+        "every message of the other keys delivered",
+        || delivered_others().len() == wanted.len(),
+    )
+    .await;
+    let deliveries = history.deliveries_to("billing");
+    let poison_delivered = deliveries
+        .iter()
+        .filter(|d| d.message_id.starts_with("poison"))
+        .count();
+    let got = delivered_others();
+    let duplicated = deliveries
+        .iter()
+        .filter(|d| wanted.contains(&d.message_id))
+        .count()
+        - got.len();
+    println!(
+        "stuck_message key: acked={} delivered={} lost={} duplicated={duplicated} refused={} (of the stuck key delivered: {poison_delivered})",
+        history.acked_ids().len(),
+        deliveries.len(),
+        wanted.len() - got.len(),
+        refused.len()
+    );
+    assert!(refused.is_empty(), "refused: {:?}", refused.first());
+    waited?;
+    assert_eq!(
+        poison_delivered, 1,
+        "only the stuck key's head is delivered"
+    );
     consumer.abort();
     Ok(())
 }
