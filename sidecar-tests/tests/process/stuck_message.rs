@@ -11,6 +11,7 @@
 //! - **Key-scoped head-of-line**: on an ordered topic, the first message of a key is nacked
 //!   for ten minutes and 8,500 more of that key wait behind it; messages of other keys
 //!   published after them are still delivered, and nothing more of the stuck key is.
+//!   A hot key with far more messages than the dispatcher holds per key keeps its order.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -72,6 +73,10 @@ fn stuck(r: &mut PublishRequest) {
 
 fn poison(r: &mut PublishRequest) {
     r.key = Some("poison".into());
+}
+
+fn hot(r: &mut PublishRequest) {
+    r.key = Some("hot".into());
 }
 
 fn other_key(r: &mut PublishRequest) {
@@ -275,6 +280,58 @@ async fn a_stuck_key_holds_up_only_itself() -> anyhow::Result<()> {
         poison_delivered, 1,
         "only the stuck key's head is delivered"
     );
+    consumer.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_key_parked_in_part_keeps_its_order() -> anyhow::Result<()> {
+    let mesh = orders_mesh("durability: Disk, ordering: Key", "ackWait: 30s").await?;
+    let history = History::default();
+    // Published one after the other before anyone consumes: the dispatcher holds a few
+    // dozen of the key and parks the rest.
+    let mut app: App = mesh.app("producer").await?;
+    for i in 0..1_000 {
+        let id = format!("hot-{i:05}");
+        history.publish_attempt("producer", "default/orders", &id, Some("hot"));
+        let mut r = PublishRequest {
+            topic: "default/orders".into(),
+            message_id: id.clone(),
+            payload: b"in order".to_vec().into(),
+            ack_level: ferry_api::proto::v1::AckLevel::Stored.into(),
+            ..PublishRequest::default()
+        };
+        hot(&mut r);
+        app.publish(r).await?;
+        history.publish_acked(&id);
+    }
+    let consumer = spawn_consumer(
+        &mesh.app_addr("billing-a")?,
+        "default/billing-orders",
+        "billing",
+        "billing-a",
+        &history,
+        Behavior::Ack,
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+    let expect = [ferry_sidecar_tests::history::Expect::AnyMember {
+        group: "billing".into(),
+        topic: "default/orders".into(),
+        check_order: true,
+    }];
+    let c = super::common::drain(
+        &history,
+        &expect,
+        Duration::from_secs(60),
+        "stuck_message hot",
+    )
+    .await?;
+    println!(
+        "stuck_message hot: acked={} delivered={} lost={} duplicated={} refused=0 reordered={}",
+        c.acked, c.deliveries, c.lost, c.duplicated, c.reordered
+    );
+    assert_eq!((c.lost, c.reordered, c.unexpected), (0, 0, 0), "{c}");
     consumer.abort();
     Ok(())
 }

@@ -375,6 +375,7 @@ impl Dispatcher {
                     }
                 }
             }
+            self.refill_key(&k);
         }
         self.ready.remove(&offset);
         self.settles.push((self.sub.clone(), offset, how));

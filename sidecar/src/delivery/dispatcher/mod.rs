@@ -423,6 +423,7 @@ impl Dispatcher {
                 }),
             );
             self.ready.insert(offset);
+            self.park_behind_key(offset);
         }
     }
 

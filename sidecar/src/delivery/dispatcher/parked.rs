@@ -11,7 +11,13 @@
 //!   delay, a retry's backoff), for more than [`PARK_AFTER`]; it comes back when the
 //!   earliest of them is due, or when it expires (TTL, `retention.maxAge`) if sooner;
 //! - (Broadcast) every copy still to deliver is for a member that is in the group but not
-//!   live; it comes back when liveness or membership changes.
+//!   live; it comes back when liveness or membership changes;
+//! - (ordered topics) more than [`KEY_WINDOW`] messages of its key are already held: only
+//!   one message of a key is in flight at a time, so the rest of a hot key, or of a key
+//!   whose head waits for ten minutes, would fill the window and hold up every other key.
+//!   They are parked in offset order and come back, oldest first, as the key's held
+//!   messages settle; a key with parked messages parks its newer ones too, so that the
+//!   held messages of a key are always its oldest and order is kept.
 //!
 //! A parked message keeps its delivery state (attempts, history, deadlines), not its
 //! payload: when it is due its record is read back from the log by offset. An ordered
@@ -31,6 +37,8 @@ use crate::log::{Offset, StoredMessage};
 
 /// Waits shorter than this are left in the window (parking costs a read back).
 pub(super) const PARK_AFTER: Duration = Duration::from_secs(1);
+/// Most messages of one key held in the window (ordered topics).
+pub(super) const KEY_WINDOW: usize = 64;
 
 /// What a parked message keeps.
 #[derive(Debug)]
@@ -44,6 +52,8 @@ struct Stub {
     at: Option<Instant>,
     /// Whether a change of membership or liveness makes it due.
     on_members: bool,
+    /// Parked behind this key's held messages (ordered topics).
+    behind_key: Option<String>,
 }
 
 /// The parked messages of one dispatcher.
@@ -53,6 +63,8 @@ pub(super) struct Parked {
     timers: BinaryHeap<Reverse<(Instant, Offset)>>,
     /// Parked messages to read back and return to the window.
     due: BTreeSet<Offset>,
+    /// Ordered topics: messages parked behind their key's held ones, per key.
+    by_key: foldhash::HashMap<String, BTreeSet<Offset>>,
 }
 
 impl Parked {
@@ -149,9 +161,83 @@ impl Dispatcher {
                 publish_time_ms: message.publish_time_ms,
                 at,
                 on_members,
+                behind_key: None,
             },
         );
+        if let Some(k) = &message.key {
+            self.refill_key(k);
+        }
         true
+    }
+
+    /// Parks a message just read from the log behind the held messages of its key, if the
+    /// key already holds [`KEY_WINDOW`] of them or has parked ones (ordered topics).
+    pub(super) fn park_behind_key(&mut self, offset: Offset) {
+        if self.setup.topic.ordering != Ordering::Key {
+            return;
+        }
+        let Some(e) = self.entries.get(&offset) else {
+            return;
+        };
+        let Some(k) = e.message.key.clone() else {
+            return;
+        };
+        let held = self.by_key.get(&k).map_or(0, BTreeSet::len);
+        let parked = self.parked.by_key.get(&k).is_some_and(|p| !p.is_empty());
+        if (held <= KEY_WINDOW && !parked) || !e.copies.is_empty() {
+            return;
+        }
+        let Some(entry) = self.entries.remove(&offset) else {
+            return;
+        };
+        let Entry {
+            message,
+            copies,
+            not_before,
+            expires,
+            recovered,
+        } = *entry;
+        self.entry_bytes = self.entry_bytes.saturating_sub(message.payload.len());
+        self.ready.remove(&offset);
+        if let Some(offsets) = self.by_key.get_mut(&k) {
+            offsets.remove(&offset);
+        }
+        // Its expiry still ends it on time.
+        let at = expires.map(|(t, _)| t);
+        if let Some(t) = at {
+            self.parked.timers.push(Reverse((t, offset)));
+        }
+        self.parked
+            .by_key
+            .entry(k.clone())
+            .or_default()
+            .insert(offset);
+        self.parked.stubs.insert(
+            offset,
+            Stub {
+                copies,
+                not_before,
+                expires,
+                recovered,
+                publish_time_ms: message.publish_time_ms,
+                at,
+                on_members: false,
+                behind_key: Some(k),
+            },
+        );
+    }
+
+    /// Marks the oldest messages parked behind `key` due once few of its messages are held.
+    pub(super) fn refill_key(&mut self, key: &str) {
+        let held = self.by_key.get(key).map_or(0, BTreeSet::len);
+        if held > KEY_WINDOW / 2 {
+            return;
+        }
+        let Some(parked) = self.parked.by_key.get(key) else {
+            return;
+        };
+        let wake: Vec<Offset> = parked.iter().take(KEY_WINDOW - held).copied().collect();
+        self.parked.due.extend(wake);
     }
 
     /// Whether a copy pinned to `pod` waits for a member that is in the group but down.
@@ -209,6 +295,14 @@ impl Dispatcher {
             let Some(stub) = self.parked.stubs.remove(&offset) else {
                 continue;
             };
+            if let Some(k) = &stub.behind_key
+                && let Some(parked) = self.parked.by_key.get_mut(k)
+            {
+                parked.remove(&offset);
+                if parked.is_empty() {
+                    self.parked.by_key.remove(k);
+                }
+            }
             match found.next_if(|(o, _)| *o == offset) {
                 Some((_, message)) => self.admit(offset, message, stub),
                 None => {
