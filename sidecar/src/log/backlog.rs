@@ -61,6 +61,12 @@ impl DiskLog {
         self.active.set_live(live);
     }
 
+    /// Base of the oldest segment on disk (for tests).
+    #[cfg(test)]
+    pub(super) fn first_segment(&self) -> Offset {
+        self.dense_first()
+    }
+
     /// Base of the oldest segment on disk (relocated records are all below it).
     pub(super) fn dense_first(&self) -> Offset {
         self.sealed

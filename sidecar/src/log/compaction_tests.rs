@@ -271,3 +271,56 @@ fn records_dropped_from_the_relocation_are_gone_for_later_subscriptions() -> Tes
     assert!(offsets(&log)?.is_empty());
     Ok(())
 }
+
+#[test]
+fn a_large_relocation_is_rewritten_and_what_it_drops_is_gone() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let n = 30_000;
+    let stuck: Vec<Offset> = (0..n).filter(|o| o % 2 == 1).collect();
+    {
+        let (mut log, _) = open(dir.path(), small())?;
+        log.set_subscriptions(&subs(&["a"]))?;
+        let batch: Vec<_> = (0..100).map(msg).collect();
+        for _ in 0..n / 100 {
+            log.append(&batch)?;
+        }
+        log.sync()?;
+        for o in (0..n).filter(|o| o % 2 == 0) {
+            log.settle("a", o, Settlement::Acked)?;
+        }
+        log.sync()?;
+        log.compact()?;
+        let relocated = std::fs::metadata(dir.path().join(RELOCATED))?.len();
+        assert!(relocated >= 1 << 20, "{relocated} bytes relocated");
+        // Two thirds of the stuck ones settle: the relocation is rewritten without them.
+        for o in stuck.iter().filter(|o| *o % 3 != 0) {
+            log.settle("a", *o, Settlement::Acked)?;
+        }
+        log.sync()?;
+        log.compact()?;
+        let rewritten = std::fs::metadata(dir.path().join(RELOCATED))?.len();
+        assert!(
+            rewritten * 2 < relocated,
+            "{rewritten} of {relocated} bytes kept"
+        );
+        log.set_subscriptions(&subs(&["a", "late"]))?;
+        assert!(log.is_settled("late", 5) && !log.is_settled("late", 3));
+        log.sync()?;
+    }
+    let (log, report) = open(dir.path(), small())?;
+    assert!(report.is_clean(), "{report:?}");
+    assert!(log.is_settled("late", 5) && !log.is_settled("late", 3));
+    let held: Vec<Offset> = stuck.iter().copied().filter(|o| o % 3 == 0).collect();
+    // Below the segments still on disk: exactly the relocated records still held.
+    let first = log.first_segment();
+    let read: Vec<Offset> = offsets(&log)?.into_iter().filter(|o| *o < first).collect();
+    let held: Vec<Offset> = held.into_iter().filter(|o| *o < first).collect();
+    assert!(held.len() > 4_000, "{}", held.len());
+    assert!(
+        read == held,
+        "{} read back, {} held",
+        read.len(),
+        held.len()
+    );
+    Ok(())
+}
