@@ -12,6 +12,9 @@
 //!   for ten minutes and 8,500 more of that key wait behind it; messages of other keys
 //!   published after them are still delivered, and nothing more of the stuck key is.
 //!   A hot key with far more messages than the dispatcher holds per key keeps its order.
+//! - **Broadcast member down**: a `Broadcast` group's second member's sidecar is killed;
+//!   9,000 messages later, the live member still received every one of them (their copies
+//!   for the dead member wait parked, not in the window).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -22,7 +25,7 @@ use ferry_sidecar_tests::history::History;
 use ferryctl::client::App;
 use tokio::time::Instant;
 
-use super::common::{RUN_LIMIT, drain_orders, orders_mesh};
+use super::common::{RUN_LIMIT, drain_orders, group, orders_mesh, pod, subscription, topic};
 use super::durable_app::publish_with;
 
 /// How long the stuck message (and the delayed ones) are held back.
@@ -332,6 +335,66 @@ async fn a_hot_key_parked_in_part_keeps_its_order() -> anyhow::Result<()> {
         c.acked, c.deliveries, c.lost, c.duplicated, c.reordered
     );
     assert_eq!((c.lost, c.reordered, c.unexpected), (0, 0, 0), "{c}");
+    consumer.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_broadcast_member_does_not_hold_up_the_live_one() -> anyhow::Result<()> {
+    const MESSAGES: usize = 9_000;
+    let crs = [
+        topic("orders", "durability: Disk"),
+        group("audit", "audit", "delivery: Broadcast"),
+        subscription("audit-orders", "orders", "audit", "ackWait: 30s"),
+    ]
+    .concat();
+    let pods = [
+        pod("audit-a", "zone-a", "audit"),
+        pod("audit-b", "zone-a", "audit"),
+        pod("producer", "zone-a", ""),
+    ]
+    .concat();
+    let mut mesh = TestMesh::start(&crs, &pods).await?;
+    let history = History::default();
+    mesh.mesh.kill9("audit-b").await?;
+    let consumer = spawn_consumer(
+        &mesh.app_addr("audit-a")?,
+        "default/audit-orders",
+        "audit",
+        "audit-a",
+        &history,
+        Behavior::Ack,
+        Instant::now() + RUN_LIMIT,
+    )
+    .await?;
+    let ids: Vec<String> = (0..MESSAGES).map(|i| format!("audit-{i:05}")).collect();
+    let refused = publish_all(&mesh, &history, ids.clone(), small).await?;
+    let wanted: BTreeSet<String> = ids.into_iter().collect();
+    let delivered = || {
+        history
+            .deliveries_to("audit")
+            .into_iter()
+            .map(|d| d.message_id)
+            .filter(|id| wanted.contains(id))
+            .collect::<BTreeSet<_>>()
+    };
+    let waited = wait_for(
+        Duration::from_secs(90),
+        "every message delivered to the live member",
+        || delivered().len() == wanted.len(),
+    )
+    .await;
+    let deliveries = history.deliveries_to("audit").len();
+    let got = delivered().len();
+    println!(
+        "stuck_message broadcast: acked={} delivered={deliveries} lost={} duplicated={} refused={}",
+        history.acked_ids().len(),
+        wanted.len() - got,
+        deliveries - got,
+        refused.len()
+    );
+    assert!(refused.is_empty(), "refused: {:?}", refused.first());
+    waited?;
     consumer.abort();
     Ok(())
 }
