@@ -68,6 +68,9 @@ pub struct Metrics {
     pub log_poisoned: Family<TopicLabels, Gauge>,
     /// Age of the oldest unsettled message per subscription.
     pub oldest_age_seconds: Family<SubLabels, Gauge<f64, AtomicU64>>,
+    /// Messages a dispatcher parked outside its window (delayed, backing off, waiting for
+    /// a member that is down, or behind the held messages of their key).
+    pub parked: Family<SubLabels, Gauge>,
     /// From publish to the consuming app's ack, as the producer sees it.
     pub publish_to_ack_seconds: HistogramFamily<SubLabels>,
     /// fsyncs of each topic's log (group commit makes this far lower than messages).
@@ -141,6 +144,7 @@ impl Metrics {
             backlog_bytes: Family::default(),
             log_poisoned: Family::default(),
             oldest_age_seconds: Family::default(),
+            parked: Family::default(),
             publish_to_ack_seconds: Family::new_with_constructor(latency_histogram),
             fsyncs: Family::default(),
             dedup_evicted: Family::default(),
@@ -230,6 +234,11 @@ impl Metrics {
             "oldest_age_seconds",
             "Age of the oldest unsettled message",
             m.oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "parked_messages",
+            "Messages held outside the delivery window: delayed, backing off, waiting for a member that is down, or queued behind their key",
+            m.parked.clone(),
         );
         registry.register(
             "publish_to_ack_seconds",

@@ -210,9 +210,13 @@ async fn delayed_messages_do_not_hold_up_later_ones() -> anyhow::Result<()> {
         wanted.len() - got.len(),
         refused.len()
     );
+    let parked =
+        super::common::topic_metric(&mesh, "producer", "parked_messages", "default/orders").await?;
+    println!("stuck_message window: ferry_sidecar_parked_messages = {parked}");
     assert!(refused.is_empty(), "refused: {:?}", refused.first());
     waited?;
     assert_eq!(early, 0, "delayed messages delivered before their delay");
+    assert_eq!(parked, DELAYED as f64, "every delayed message parked");
     consumer.abort();
     Ok(())
 }

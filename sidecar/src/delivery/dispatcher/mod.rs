@@ -113,6 +113,7 @@ struct Counters {
     dropped: prometheus_client::metrics::counter::Counter,
     expired: prometheus_client::metrics::counter::Counter,
     oldest: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    parked: prometheus_client::metrics::gauge::Gauge,
     latency: prometheus_client::metrics::histogram::Histogram,
 }
 
@@ -201,6 +202,7 @@ pub async fn run(
         dropped: m.dropped.get_or_create(&labels).clone(),
         expired: m.expired.get_or_create(&labels).clone(),
         oldest: m.oldest_age_seconds.get_or_create(&labels).clone(),
+        parked: m.parked.get_or_create(&labels).clone(),
         latency: m.publish_to_ack_seconds.get_or_create(&labels).clone(),
     };
     let read_next = match store.cursor(sub.clone()).await {

@@ -78,6 +78,11 @@ impl Parked {
         !self.due.is_empty()
     }
 
+    /// Messages parked (`ferry_sidecar_parked_messages`).
+    pub(super) fn len(&self) -> usize {
+        self.stubs.len()
+    }
+
     /// Publish time of the oldest parked message (for the oldest-age gauge).
     pub(super) fn oldest_publish_ms(&self) -> Option<u64> {
         self.stubs.values().next().map(|s| s.publish_time_ms)

@@ -179,5 +179,8 @@ impl Dispatcher {
         };
         let age = oldest.map_or(0.0, |t| now_ms().saturating_sub(t) as f64 / 1000.0);
         self.counters.oldest.set(age);
+        self.counters
+            .parked
+            .set(i64::try_from(self.parked.len()).unwrap_or(i64::MAX));
     }
 }
