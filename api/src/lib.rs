@@ -10,12 +10,15 @@
 //! - [`flags`]: the convention every binary's flags follow (help text, `FERRY_` variable);
 //! - [`routing`]: the routing table in etcd (keys, versioned values) and in memory;
 //! - [`manifest`]: reading CR YAML files (the same files `kubectl apply` takes);
+//! - [`identity`]: workload identity (SPIFFE IDs in certificates), the CA that issues them
+//!   and the mutual-TLS configurations of peer connections;
 //! - [`proto`]: the gRPC contracts (app API `ferry.v1.App`, sidecar-to-sidecar `ferry.v1.Peer`).
 
 pub mod consts;
 pub mod crd;
 pub mod duration;
 pub mod flags;
+pub mod identity;
 pub mod local;
 pub mod manifest;
 pub mod proto;
