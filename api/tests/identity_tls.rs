@@ -1,5 +1,8 @@
 //! Mutual TLS between two peers over real loopback sockets: who gets in, who is refused,
-//! and rotation of keys and roots without dropping an established connection.
+//! and rotation of keys and roots (the next handshake uses the new ones).
+
+// Helpers of a test binary panic on setup failures, as the tests themselves do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
