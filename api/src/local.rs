@@ -385,6 +385,7 @@ fn member(group: &GroupEntry, pod: &LocalPod, address: String) -> MemberEntry {
         group: group.name.clone(),
         pod: pod.name.clone(),
         address,
+        service_account: pod.service_account.clone(),
         zone: pod.zone.clone(),
         node: pod.node_name(),
         ready: pod.ready,

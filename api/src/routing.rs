@@ -113,6 +113,11 @@ pub struct MemberEntry {
     pub pod: String,
     /// `ip:port` of the pod's sidecar peer endpoint.
     pub address: String,
+    /// Service account of the pod: with `namespace`, the identity its sidecar's certificate
+    /// must prove to peers that dial `address`. Empty in records written before it was
+    /// recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account: String,
     pub zone: String,
     pub node: String,
     pub ready: bool,

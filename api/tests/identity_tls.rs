@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use ferry_api::identity::SpiffeId;
 use ferry_api::identity::ca::Ca;
 use ferry_api::identity::tls::{
-    Credentials, Expect, PeerTls, TrustBundle, peer_identity, provider,
+    Credentials, Expect, PeerTls, TrustBundle, anonymous_client_config, peer_identity, provider,
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,61 +97,13 @@ async fn peers_of_one_ca_see_each_others_identity() {
     assert!(out.server.is_ok() && out.client.is_ok());
 }
 
-/// Accepts every server certificate: stands for a client that skips verification.
-#[derive(Debug)]
-struct AnyServer;
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[tokio::test]
 async fn a_client_without_a_certificate_gets_nothing() {
     let now = SystemTime::now();
     let ca = Ca::generate(TD, now, HOUR).unwrap();
     let server = tls_for(&ca, ca.cert_pem(), &id("shop", "orders"), now, HOUR);
-    // A client that trusts any server and has no certificate to show.
-    let mut anonymous = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer))
-        .with_no_client_auth();
-    anonymous.alpn_protocols = vec![b"h2".to_vec()];
-    let out = connect(&server, Arc::new(anonymous)).await;
+    let anonymous = anonymous_client_config(server.bundle.clone(), td()).unwrap();
+    let out = connect(&server, anonymous).await;
     let err = out.server.unwrap_err();
     assert!(err.contains("certificate"), "{err}");
     assert!(out.client.is_err());

@@ -3,6 +3,7 @@
 //! `ferryctl dev`, `ferryctl bench` and the process-level tests all start sidecars through
 //! this module, so that what a test proves is what a developer runs.
 
+pub mod identity;
 pub mod plan;
 pub mod process;
 
@@ -34,6 +35,8 @@ pub enum MeshError {
         #[source]
         source: std::io::Error,
     },
+    #[error("local identity: {0}")]
+    Identity(#[from] ferry_api::identity::IdentityError),
     #[error("no sidecar for pod {0} in this mesh")]
     UnknownPod(String),
 }
@@ -136,6 +139,7 @@ impl Mesh {
             running: BTreeMap::new(),
         };
         mesh.write_routing_file()?;
+        identity::issue_all(&config.data_root, &mesh.specs)?;
         let started = join_all(
             mesh.specs
                 .iter()

@@ -112,6 +112,13 @@ pub struct Config {
     /// which would stop the sidecar at once.
     #[arg(long, env = "FERRY_DRAIN_ON_STDIN_EOF")]
     pub drain_on_stdin_eof: bool,
+    /// Folder of this sidecar's workload certificate: `tls.crt` (chain, leaf first),
+    /// `tls.key` and `ca.crt` (the trust bundle), the layout of a `kubernetes.io/tls`
+    /// Secret. With it, every peer connection is mutual TLS and a peer is known by the
+    /// identity its certificate proves; the files are re-read when they change (rotation).
+    /// The certificate must name this pod's namespace and service account.
+    #[arg(long, env = "FERRY_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// Parses a Go-style duration (`25s`, `1m30s`, `200ms`) as the CRDs write them.
@@ -143,6 +150,7 @@ impl Config {
             ordered_max_keys: DEFAULT_ORDERED_MAX_KEYS,
             max_unconfirmed_publishes: DEFAULT_MAX_UNCONFIRMED_PUBLISHES,
             replica_takeover_after: Duration::from_secs(60),
+            tls_dir: None,
             drain_on_stdin_eof: false,
         }
     }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use ferry_api::identity::tls::PeerTls;
 use ferry_api::routing::RoutingTable;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +76,7 @@ impl Engine {
         advertise: String,
         routing: watch::Receiver<Arc<RoutingTable>>,
         stop: CancellationToken,
+        tls: Option<PeerTls>,
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
         let delivery = DeliveryManager::default();
@@ -83,6 +85,7 @@ impl Engine {
             stop.clone(),
             metrics.peer_links.clone(),
             metrics.peer_links_closed.clone(),
+            tls,
         );
         let identity = Identity {
             pod: config.pod_name.clone(),

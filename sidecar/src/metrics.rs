@@ -105,6 +105,11 @@ pub struct Metrics {
     pub peer_links: Gauge,
     /// Links closed because their sidecar left the routing table.
     pub peer_links_closed: Counter,
+    /// Peer connections refused: failed TLS handshake (no, expired, foreign or unusable
+    /// certificate) or none within the deadline.
+    pub peer_refused: Counter,
+    /// Reloads of the credentials folder that failed (the previous pair stays in use).
+    pub tls_reload_failed: Counter,
     /// Trims (settled ids) queued for replicas that did not take them yet.
     pub pending_trims: Gauge,
     /// Trims dropped: their replica left the routing table, or too many were queued.
@@ -161,6 +166,8 @@ impl Metrics {
             ordered_keys_evicted: Family::default(),
             peer_links: Gauge::default(),
             peer_links_closed: Counter::default(),
+            peer_refused: Counter::default(),
+            tls_reload_failed: Counter::default(),
             pending_trims: Gauge::default(),
             trims_dropped: Counter::default(),
             exactly_once_ids: Family::default(),
@@ -321,6 +328,16 @@ impl Metrics {
             "peer_links_closed",
             "Links closed because their sidecar left the routing table",
             self.peer_links_closed.clone(),
+        );
+        registry.register(
+            "peer_refused",
+            "Peer connections refused at the TLS handshake",
+            self.peer_refused.clone(),
+        );
+        registry.register(
+            "tls_reload_failed",
+            "Reloads of the certificate folder that failed; the previous pair stays in use",
+            self.tls_reload_failed.clone(),
         );
         registry.register(
             "pending_trims",

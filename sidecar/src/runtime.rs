@@ -3,10 +3,13 @@
 //! and by tests that run several sidecars in one process.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use ferry_api::identity::files::{CredentialDir, Reloader};
+use ferry_api::identity::tls::PeerTls;
 use ferry_api::proto::v1::app_server::AppServer;
 use ferry_api::proto::v1::peer_server::PeerServer;
 use tokio::net::TcpListener;
@@ -32,6 +35,8 @@ const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 /// How long tasks get to finish after the stop signal before they are abandoned.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the credentials folder is checked for a rotated certificate or bundle.
+const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
 /// How often the consumer expires deliveries past their ackWait.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
@@ -54,6 +59,53 @@ pub struct Sidecar {
     addrs: Addrs,
     /// The etcd source's status, reported on the admin port.
     routing_status: Option<Arc<SourceStatus>>,
+    /// Peer mutual TLS (`--tls-dir`) and the watcher of its folder.
+    tls: Option<(PeerTls, Reloader)>,
+}
+
+/// Loads `--tls-dir` and checks that the certificate is this pod's.
+fn load_tls(dir: &Path, config: &Config) -> Result<(PeerTls, Reloader), Error> {
+    let (tls, reloader) = CredentialDir::new(dir)
+        .load()
+        .map_err(|e| Error::Config(format!("--tls-dir {}: {e}", dir.display())))?;
+    let id = tls.credentials.identity();
+    if id.namespace != config.namespace || id.service_account != config.service_account {
+        return Err(Error::Config(format!(
+            "--tls-dir {}: the certificate proves {id}, not this pod's namespace {:?} and service account {:?}",
+            dir.display(),
+            config.namespace,
+            config.service_account
+        )));
+    }
+    tracing::info!(identity = %id, "peer connections use mutual TLS");
+    Ok((tls, reloader))
+}
+
+/// Applies rotated credentials from the folder until `stop`.
+async fn reload_tls(
+    mut reloader: Reloader,
+    tls: PeerTls,
+    failed: prometheus_client::metrics::counter::Counter,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(TLS_RELOAD_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        match reloader.poll(&tls) {
+            Ok(true) => tracing::info!(
+                identity = %tls.credentials.identity(),
+                "peer certificate or trust bundle reloaded"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                failed.inc();
+                tracing::warn!(error = %e, "peer credentials did not reload; the previous ones stay in use");
+            }
+        }
+    }
 }
 
 async fn bind(flag: &str, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -74,6 +126,10 @@ impl Sidecar {
     /// Validates `config` and binds every listener.
     pub async fn bind(config: Config) -> Result<Self, Error> {
         config.validate()?;
+        let tls = match &config.tls_dir {
+            Some(dir) => Some(load_tls(dir, &config)?),
+            None => None,
+        };
         let app_grpc = bind("app-grpc-addr", config.app_grpc_addr).await?;
         let app_http = bind("app-http-addr", config.app_http_addr).await?;
         let peer = bind("peer-addr", config.peer_addr).await?;
@@ -100,6 +156,7 @@ impl Sidecar {
             listeners: [app_grpc, app_http, peer, admin],
             addrs,
             routing_status: None,
+            tls,
         })
     }
 
@@ -126,6 +183,7 @@ impl Sidecar {
             addrs.advertise.to_string(),
             routing.clone(),
             stop.clone(),
+            self.tls.as_ref().map(|(tls, _)| tls.clone()),
         );
         engine.open_existing().await;
         let ready = Arc::new(AtomicBool::new(false));
@@ -225,13 +283,40 @@ impl Sidecar {
         let peer_svc = PeerServer::new(PeerService::new(engine.clone(), stop.clone()))
             .max_decoding_message_size(PEER_MAX_MESSAGE)
             .max_encoding_message_size(PEER_MAX_MESSAGE);
-        let server = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .add_service(peer_svc)
-            .serve_with_incoming_shutdown(no_delay(peer), stop.clone().cancelled_owned());
-        tasks.push(("peer gRPC", spawn_server("peer gRPC", server)));
+            .add_service(peer_svc);
+        let server = match self.tls {
+            Some((tls, reloader)) => {
+                let incoming = crate::peer::tls::incoming(
+                    peer,
+                    &tls,
+                    engine.metrics.peer_refused.clone(),
+                    stop.clone(),
+                )
+                .map_err(|e| Error::Config(format!("--tls-dir: {e}")))?;
+                tasks.push((
+                    "peer TLS reload",
+                    tokio::spawn(reload_tls(
+                        reloader,
+                        tls,
+                        engine.metrics.tls_reload_failed.clone(),
+                        stop.clone(),
+                    )),
+                ));
+                spawn_server(
+                    "peer gRPC",
+                    router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
+                )
+            }
+            None => spawn_server(
+                "peer gRPC",
+                router.serve_with_incoming_shutdown(no_delay(peer), stop.clone().cancelled_owned()),
+            ),
+        };
+        tasks.push(("peer gRPC", server));
 
         let router =
             http::router(engine.clone()).layer(RequestBodyLimitLayer::new(http::HTTP_MAX_BODY));

@@ -165,6 +165,7 @@ fn table(peer: &str) -> RoutingTable {
         zone: "z1".into(),
         node: "node-scripted".into(),
         ready: true,
+        service_account: String::new(),
     };
     t.members.insert(
         object_ref(NS, "workers"),

@@ -76,6 +76,7 @@ fn member(group: &str, pod: &str, address: &str) -> MemberEntry {
         zone: "z1".into(),
         node: format!("node-{pod}"),
         ready: true,
+        service_account: String::new(),
     }
 }
 

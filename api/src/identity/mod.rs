@@ -13,10 +13,12 @@
 //! - [`tls`]: the rustls configurations both ends of a peer connection use, reading the
 //!   current key pair and trust bundle at every handshake, so that rotating either needs no
 //!   restart and drops no established connection;
+//! - [`dial`]: a tonic connector that dials a peer over mutual TLS;
 //! - [`files`]: the on-disk layout of a sidecar's credentials (`tls.crt`, `tls.key`,
 //!   `ca.crt`, the layout of a `kubernetes.io/tls` Secret) and their reloading.
 
 pub mod ca;
+pub mod dial;
 pub mod files;
 pub mod tls;
 

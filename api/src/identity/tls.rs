@@ -443,6 +443,26 @@ impl PeerTls {
     }
 }
 
+/// A client that verifies servers as a peer does but has no certificate to present: what a
+/// workload without an identity can do, which tests use to show that it gets nothing.
+pub fn anonymous_client_config(
+    bundle: Arc<TrustBundle>,
+    expect: Expect,
+) -> Result<Arc<ClientConfig>, IdentityError> {
+    let provider = bundle.provider.clone();
+    let verifier = PeerVerifier { bundle, expect };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError::BadBundle {
+            reason: e.to_string(),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The identity a peer proved on an established connection (its first certificate).
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, IdentityError> {
     let leaf = certs

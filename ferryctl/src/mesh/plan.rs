@@ -42,6 +42,8 @@ pub struct SidecarSpec {
     pub ip: Ipv4Addr,
     pub endpoints: Endpoints,
     pub data_dir: PathBuf,
+    /// Its workload certificate, key and trust bundle (`--tls-dir`).
+    pub tls_dir: PathBuf,
 }
 
 /// Why a mesh cannot be planned.
@@ -52,7 +54,8 @@ pub enum PlanError {
 }
 
 /// Gives pod `i` (in the given order) the address `<subnet>.(i + 1)` and the data folder
-/// `<data_root>/pods/<namespace>/<name>`, so a restarted mesh finds its logs again.
+/// `<data_root>/pods/<namespace>/<name>`, so a restarted mesh finds its logs again, and
+/// its certificate folder `<data_root>/identity/pods/<namespace>/<name>`.
 pub fn plan(
     pods: &[LocalPod],
     subnet: [u8; 3],
@@ -71,6 +74,7 @@ pub fn plan(
                 ip,
                 endpoints: Endpoints::on(ip),
                 data_dir: data_root.join("pods").join(&pod.namespace).join(&pod.name),
+                tls_dir: super::identity::pod_dir(data_root, pod),
             }
         })
         .collect())

@@ -181,6 +181,8 @@ impl SidecarProcess {
             .arg(&launch.routing_file)
             .arg("--shutdown-grace")
             .arg(format!("{}ms", launch.shutdown_grace.as_millis()))
+            .arg("--tls-dir")
+            .arg(&spec.tls_dir)
             .arg("--drain-on-stdin-eof")
             .envs(launch.env.iter().cloned())
             .process_group(0)

@@ -139,6 +139,13 @@ pub fn membership<'a>(
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default();
         let zone = zone_of(&node).unwrap_or_default();
+        // The identity its sidecar's certificate proves; Kubernetes defaults it to `default`.
+        let service_account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or_else(|| "default".into());
         if !zone.is_empty() {
             zones.insert(zone.clone());
         }
@@ -150,6 +157,7 @@ pub fn membership<'a>(
                 group: group.into(),
                 pod: name,
                 address: SocketAddr::new(ip, peer_port).to_string(),
+                service_account,
                 zone,
                 node,
                 ready: true,

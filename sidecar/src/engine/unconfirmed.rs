@@ -107,6 +107,7 @@ mod tests {
             "127.0.0.1:1".into(),
             routing,
             CancellationToken::new(),
+            None,
         );
 
         // Within the bound: answered at once, stored behind the publisher's back.

@@ -83,6 +83,7 @@ impl PeerPool {
                 _ = stop.cancelled() => return,
             }
             let table = routing.borrow_and_update().clone();
+            self.learn_identities(&table);
             self.close_departed(&table);
         }
     }
@@ -117,6 +118,7 @@ mod tests {
             CancellationToken::new(),
             gauge.clone(),
             closed.clone(),
+            None,
         );
         // Nothing listens on these ports: the links only try to connect.
         assert!(pool.client("127.0.0.1:9").is_some());

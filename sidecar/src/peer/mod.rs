@@ -12,13 +12,18 @@
 //! it ever talked to.
 
 mod departed;
+mod expect;
 pub mod server;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_api::identity::SpiffeId;
+use ferry_api::identity::dial::connector;
+use ferry_api::identity::tls::PeerTls;
 use ferry_api::proto::v1::peer_client::PeerClient;
 use ferry_api::proto::v1::{
     Deliver, DeliveryState, ForwardRequest, ForwardResponse, QueryDeliveryRequest,
@@ -33,6 +38,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::delivery::{Event, Registry};
 
 pub use departed::{LINK_IDLE, SWEEP_EVERY};
+pub use expect::expected_identities;
 
 /// Largest peer gRPC message: a batch, or one maximal message with its envelope.
 pub const PEER_MAX_MESSAGE: usize = 16 << 20;
@@ -89,6 +95,11 @@ pub struct PeerPool {
     open_links: Gauge,
     /// Links closed because their sidecar left (`ferry_sidecar_peer_links_closed_total`).
     closed_links: Counter,
+    /// Mutual TLS for every link; `None` dials plaintext (a sidecar started without
+    /// `--tls-dir`).
+    tls: Option<PeerTls>,
+    /// The identity each address must prove (`expect.rs`).
+    expected: Mutex<HashMap<Arc<str>, SpiffeId>>,
 }
 
 impl PeerPool {
@@ -100,6 +111,7 @@ impl PeerPool {
         cancel: CancellationToken,
         open_links: Gauge,
         closed_links: Counter,
+        tls: Option<PeerTls>,
     ) -> Arc<Self> {
         Arc::new(Self {
             links: Mutex::new(HashMap::new()),
@@ -109,6 +121,8 @@ impl PeerPool {
             started: Instant::now(),
             open_links,
             closed_links,
+            tls,
+            expected: Mutex::new(HashMap::new()),
         })
     }
 
@@ -133,12 +147,25 @@ impl PeerPool {
             .initial_connection_window_size(PEER_WINDOW * 2)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
+        let channel = match &self.tls {
+            Some(tls) => {
+                let expect = self.expect_for(addr, tls.credentials.identity().trust_domain);
+                match tls.client_config(expect) {
+                    Ok(config) => endpoint.connect_with_connector_lazy(connector(config)),
+                    Err(e) => {
+                        tracing::error!(peer = %addr, error = %e, "peer TLS configuration failed");
+                        return None;
+                    }
+                }
+            }
+            None => endpoint.connect_lazy(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
             addr: addr.into(),
             tx,
             live: AtomicBool::new(true),
-            channel: endpoint.connect_lazy(),
+            channel,
             in_flight: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(now),
             closed: self.cancel.child_token(),

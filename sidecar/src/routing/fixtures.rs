@@ -69,5 +69,6 @@ pub fn member(ns: &str, group: &str, pod: &str, zone: &str, address: &str) -> Me
         zone: zone.into(),
         node: format!("node-{pod}"),
         ready: true,
+        service_account: String::new(),
     }
 }
