@@ -30,6 +30,7 @@ mod process {
     pub mod load_baseline;
     pub mod nack_delay;
     pub mod ordering;
+    pub mod peer_authz;
     pub mod peer_mtls;
     pub mod power_loss;
     pub mod power_loss_replicated;

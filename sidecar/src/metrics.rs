@@ -18,6 +18,12 @@ pub struct TopicLabels {
     pub topic: String,
 }
 
+/// Labels of refused peer calls: which RPC.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub rpc: String,
+}
+
 /// Labels of per-subscription metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SubLabels {
@@ -110,6 +116,8 @@ pub struct Metrics {
     pub peer_refused: Counter,
     /// Reloads of the credentials folder that failed (the previous pair stays in use).
     pub tls_reload_failed: Counter,
+    /// Peer calls (or single deliveries of a `Forward`) refused by authorization.
+    pub peer_denied: Family<RpcLabels, Counter>,
     /// Trims (settled ids) queued for replicas that did not take them yet.
     pub pending_trims: Gauge,
     /// Trims dropped: their replica left the routing table, or too many were queued.
@@ -168,6 +176,7 @@ impl Metrics {
             peer_links_closed: Counter::default(),
             peer_refused: Counter::default(),
             tls_reload_failed: Counter::default(),
+            peer_denied: Family::default(),
             pending_trims: Gauge::default(),
             trims_dropped: Counter::default(),
             exactly_once_ids: Family::default(),
@@ -335,6 +344,11 @@ impl Metrics {
             self.peer_refused.clone(),
         );
         registry.register(
+            "peer_denied",
+            "Peer calls, or deliveries of a Forward, refused by authorization",
+            self.peer_denied.clone(),
+        );
+        registry.register(
             "tls_reload_failed",
             "Reloads of the certificate folder that failed; the previous pair stays in use",
             self.tls_reload_failed.clone(),
@@ -378,6 +392,13 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
         out
+    }
+
+    /// Counts one peer call (or delivery) of `rpc` refused by authorization.
+    pub fn denied(&self, rpc: &str) {
+        self.peer_denied
+            .get_or_create(&RpcLabels { rpc: rpc.into() })
+            .inc();
     }
 
     /// Per-topic labels.

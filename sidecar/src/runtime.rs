@@ -128,7 +128,12 @@ impl Sidecar {
         config.validate()?;
         let tls = match &config.tls_dir {
             Some(dir) => Some(load_tls(dir, &config)?),
-            None => None,
+            None => {
+                tracing::warn!(
+                    "the peer port is plaintext (no --tls-dir): peers are neither authenticated nor authorized"
+                );
+                None
+            }
         };
         let app_grpc = bind("app-grpc-addr", config.app_grpc_addr).await?;
         let app_http = bind("app-http-addr", config.app_http_addr).await?;

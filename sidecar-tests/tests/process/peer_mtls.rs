@@ -24,10 +24,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::common::{group, pod, subscription, topic};
 
-const HOUR: Duration = Duration::from_secs(3600);
+pub(super) const HOUR: Duration = Duration::from_secs(3600);
 
 /// One forged delivery into `default/workers-orders`, claiming to come from the producer.
-fn forged(n: u32) -> ForwardRequest {
+pub(super) fn forged(n: u32) -> ForwardRequest {
     ForwardRequest {
         deliveries: vec![Deliver {
             subscription: "default/workers-orders".into(),
@@ -67,7 +67,7 @@ async fn try_forge(channel: Channel, n: u32) -> Result<String, String> {
 }
 
 /// Publishes `count` real messages numbered from `from`; returns the next number.
-async fn publish_batch(
+pub(super) async fn publish_batch(
     app: &mut App,
     history: &History,
     from: u32,
@@ -89,13 +89,13 @@ async fn publish_batch(
     Ok(from + count)
 }
 
-fn tls_channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Channel {
+pub(super) fn tls_channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .expect("peer address")
         .connect_with_connector_lazy(connector(config))
 }
 
-fn client_with(ca: &Ca, bundle: &str, id: &SpiffeId, from: SystemTime) -> PeerTls {
+pub(super) fn client_with(ca: &Ca, bundle: &str, id: &SpiffeId, from: SystemTime) -> PeerTls {
     let issued = ca.issue_with_key(id, from, HOUR).expect("issue");
     PeerTls {
         credentials: Arc::new(

@@ -11,6 +11,7 @@
 //! long-lived sidecar with pods coming and going keeps no link and reconnect loop per pod
 //! it ever talked to.
 
+pub mod authz;
 mod departed;
 mod expect;
 pub mod server;

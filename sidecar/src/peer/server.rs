@@ -16,6 +16,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use ferry_api::identity::SpiffeId;
+use ferry_api::proto::v1::Outcome;
+
+use super::authz;
+use super::tls::PeerInfo;
 use crate::consumer::{Consumer, Incoming, ReplyTo};
 use crate::engine::Engine;
 use crate::error::Error;
@@ -45,6 +50,43 @@ impl PeerService {
     }
 }
 
+/// The identity the caller's certificate proved; `None` on a plaintext peer port.
+fn caller<T>(request: &Request<T>) -> Option<SpiffeId> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|info| info.identity.clone())
+}
+
+impl PeerService {
+    /// Counts and logs a refusal, and turns it into `PERMISSION_DENIED`.
+    fn deny(&self, rpc: &str, caller: &SpiffeId, denied: authz::Denied) -> Status {
+        self.engine.metrics.denied(rpc);
+        tracing::warn!(rpc, %caller, reason = %denied, "peer call refused");
+        Error::PermissionDenied(denied.to_string()).into()
+    }
+
+    /// `authz::holding` for a call by `caller`, if known.
+    fn check_holding(
+        &self,
+        rpc: &str,
+        caller: Option<&SpiffeId>,
+        topic: &str,
+        producer: &str,
+    ) -> Result<(), Status> {
+        let Some(caller) = caller else { return Ok(()) };
+        let table = self.engine.table();
+        authz::holding(
+            &table,
+            caller,
+            &self.engine.identity.namespace,
+            topic,
+            producer,
+        )
+        .map_err(|d| self.deny(rpc, caller, d))
+    }
+}
+
 fn blocking_failed(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("replica task failed: {e}"))
 }
@@ -57,7 +99,9 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStream>, Status> {
+        let caller = caller(&request);
         let mut inbound = request.into_inner();
+        let engine = self.engine.clone();
         let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
         let (out_tx, out_rx) = mpsc::channel(16);
         let consumer = self.consumer.clone();
@@ -78,7 +122,32 @@ impl Peer for PeerService {
                     }
                 };
                 let mut incoming = Vec::with_capacity(req.deliveries.len());
+                let table = caller.as_ref().map(|_| engine.table());
                 for deliver in req.deliveries {
+                    if let (Some(caller), Some(table)) = (&caller, &table) {
+                        let verdict = authz::forward(
+                            table,
+                            caller,
+                            &deliver.subscription,
+                            &deliver.topic,
+                            &deliver.producer,
+                        );
+                        if let Err(denied) = verdict {
+                            engine.metrics.denied("Forward");
+                            tracing::warn!(%caller, reason = %denied, "forwarded delivery refused");
+                            let _ = settled_tx.send(Settled {
+                                subscription: deliver.subscription,
+                                offset: deliver.offset,
+                                attempt: deliver.attempt,
+                                outcome: Outcome::Rejected as i32,
+                                delay_ms: 0,
+                                reason: denied.to_string(),
+                                message_id: deliver.message.map(|m| m.id).unwrap_or_default(),
+                                incarnation: deliver.incarnation,
+                            });
+                            continue;
+                        }
+                    }
                     let producer = match producers.iter().find(|p| ***p == *deliver.producer) {
                         Some(p) => p.clone(),
                         None => {
@@ -120,6 +189,10 @@ impl Peer for PeerService {
         &self,
         request: Request<QueryDeliveryRequest>,
     ) -> Result<Response<QueryDeliveryResponse>, Status> {
+        if let Some(caller) = caller(&request) {
+            authz::query(&caller, &request.get_ref().producer)
+                .map_err(|d| self.deny("QueryDelivery", &caller, d))?;
+        }
         let state = self.consumer.query(request.get_ref());
         Ok(Response::new(QueryDeliveryResponse {
             state: state as i32,
@@ -130,7 +203,9 @@ impl Peer for PeerService {
         &self,
         request: Request<ReplicateRequest>,
     ) -> Result<Response<ReplicateResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        self.check_holding("Replicate", caller.as_ref(), &r.topic, &r.producer)?;
         if !self.engine.table().topics.contains_key(&r.topic) && !r.copies.is_empty() {
             return Err(Error::UnknownTopic(r.topic).into());
         }
@@ -161,10 +236,12 @@ impl Peer for PeerService {
     }
 
     async fn held(&self, request: Request<HeldRequest>) -> Result<Response<HeldResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
         if r.topic.is_empty() {
             return Ok(Response::new(HeldResponse::default()));
         }
+        self.check_holding("Held", caller.as_ref(), &r.topic, &r.producer)?;
         let replicas = self.engine.replicas.clone();
         let page = tokio::task::spawn_blocking(move || {
             replicas.held(
@@ -188,7 +265,9 @@ impl Peer for PeerService {
         &self,
         request: Request<TakeCustodyRequest>,
     ) -> Result<Response<TakeCustodyResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
+        self.check_holding("TakeCustody", caller.as_ref(), &r.topic, &r.from)?;
         if self.engine.draining() {
             return Err(Error::ShuttingDown("custody of messages").into());
         }

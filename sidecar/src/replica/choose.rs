@@ -1,6 +1,7 @@
 //! Which sidecars hold a producer's copies, and which one a stopping sidecar hands its
-//! backlog to: every sidecar that is a member of some group in the routing table (the
-//! mesh), except this one, ordered by (another node first, then another zone, then a
+//! backlog to: every sidecar of the producer's own namespace that is a member of some group
+//! in the routing table, except this one (copies of a tenant's messages stay with that
+//! tenant's pods, and peers refuse copies from another namespace, `peer/authz.rs`), ordered by (another node first, then another zone, then a
 //! rendezvous hash of the producer and the candidate). The order depends only on the table
 //! and the producer's identity, so a restarted producer tries the same replicas in the same
 //! order, and different producers spread their copies over different replicas.
@@ -48,12 +49,17 @@ pub fn mesh(table: &RoutingTable) -> BTreeMap<String, Candidate> {
     out
 }
 
+fn namespace_of(id: &str) -> &str {
+    id.split_once('/').map_or("", |(ns, _)| ns)
+}
+
 /// The candidates for `me`, best first.
 pub fn candidates(table: &RoutingTable, me: Chooser<'_>, my_address: &str) -> Vec<Candidate> {
     let hasher = BuildHasherDefault::<DefaultHasher>::default();
     let mut all: Vec<(bool, bool, u64, Candidate)> = mesh(table)
         .into_values()
         .filter(|c| c.id != me.id && c.address != my_address)
+        .filter(|c| namespace_of(&c.id) == namespace_of(me.id))
         .map(|c| {
             let same_node = !me.node.is_empty() && c.node == me.node;
             let same_zone = !me.zone.is_empty() && c.zone == me.zone;
@@ -85,6 +91,11 @@ mod tests {
         add("same-node", "a", "n1");
         add("same-zone", "a", "n2");
         add("other-zone", "b", "n3");
+        // Another tenant's pod is never a candidate.
+        t.members
+            .entry("bank/g".into())
+            .or_default()
+            .insert("q".into(), member("bank", "g", "q", "b", "q:7710"));
         let me = Chooser {
             id: "ns/p",
             zone: "a",

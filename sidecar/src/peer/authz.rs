@@ -1,0 +1,243 @@
+//! Authorization of peer calls, deny by default.
+//!
+//! A caller is known by the identity its certificate proved (`tls.rs`), never by what a
+//! request claims; the claims a request makes (its producer, the topic, the subscription)
+//! are checked against that identity and the routing table:
+//!
+//! - **Forward**: the subscription must exist and be of the delivery's topic, and the
+//!   caller must be allowed to send that topic's messages: its service account is on the
+//!   Topic's `allowedPublishers` (with no list, any of the topic's namespace), or it is a
+//!   group member (the table lists a member pod of its namespace and service account) of a
+//!   namespace that may publish to the topic: that is where a producer's copies and custody
+//!   go (replicas and handoff peers are group members of the producer's own namespace,
+//!   `replica/choose.rs`), and a custodian forwards what it took over. The producer the delivery names must be of the
+//!   caller's namespace. That this pod is a member of the subscription's group is checked
+//!   by the consumer (`consumer::accept`). A refused delivery is answered `REJECTED` with
+//!   the reason and never reaches the app.
+//! - **QueryDelivery**: only a sidecar of the producer's namespace may ask about its
+//!   deliveries.
+//! - **Replicate, Held, TakeCustody**: the producer (or the handing-off sidecar) named must
+//!   be of the caller's namespace, which must be this sidecar's own (copies of a tenant's
+//!   messages never leave its namespace), that namespace must be allowed to publish to the
+//!   topic, and the caller must be allowed to publish to it or be a group member. A `Held` probe (no topic) reveals nothing and is open to any peer.
+//!
+//! A sidecar whose peer port is plaintext (no `--tls-dir`) knows no caller and checks
+//! nothing; it says so when it starts.
+
+use ferry_api::identity::SpiffeId;
+use ferry_api::routing::{RoutingTable, TopicEntry};
+
+use crate::routing::may_publish;
+
+/// Why a peer call was refused; the text is what the caller reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("permission denied: {0}")]
+pub struct Denied(pub String);
+
+fn namespace_of(producer: &str) -> &str {
+    producer.split_once('/').map_or("", |(ns, _)| ns)
+}
+
+/// Whether some identity of `namespace` may publish to `topic`.
+fn namespace_may_publish(topic: &TopicEntry, namespace: &str) -> bool {
+    match &topic.allowed_publishers {
+        None => topic.namespace == namespace,
+        Some(list) => list.iter().any(|entry| match entry.split_once('/') {
+            Some((ns, _)) => ns == namespace,
+            None => topic.namespace == namespace,
+        }),
+    }
+}
+
+/// Whether the table lists a member pod of `caller`'s namespace and service account.
+fn is_member(table: &RoutingTable, caller: &SpiffeId) -> bool {
+    table
+        .members
+        .values()
+        .flat_map(|m| m.values())
+        .any(|m| m.namespace == caller.namespace && m.service_account == caller.service_account)
+}
+
+/// Whether `caller` may send `topic`'s messages: as a publisher, or as a custodian.
+fn may_send(table: &RoutingTable, topic: &TopicEntry, caller: &SpiffeId) -> bool {
+    may_publish(topic, &caller.namespace, &caller.service_account)
+        || (namespace_may_publish(topic, &caller.namespace) && is_member(table, caller))
+}
+
+fn same_namespace(caller: &SpiffeId, producer: &str, what: &str) -> Result<(), Denied> {
+    if namespace_of(producer) == caller.namespace {
+        Ok(())
+    } else {
+        Err(Denied(format!(
+            "{caller} may not act for {what} {producer:?} of another namespace"
+        )))
+    }
+}
+
+fn topic<'a>(table: &'a RoutingTable, name: &str) -> Result<&'a TopicEntry, Denied> {
+    table.topics.get(name).ok_or_else(|| {
+        Denied(format!(
+            "topic {name:?} is not in this sidecar's routing table"
+        ))
+    })
+}
+
+/// A delivery of `subscription` (of `topic_name`) from `producer`, sent by `caller`.
+pub fn forward(
+    table: &RoutingTable,
+    caller: &SpiffeId,
+    subscription: &str,
+    topic_name: &str,
+    producer: &str,
+) -> Result<(), Denied> {
+    let sub = table.subscriptions.get(subscription).ok_or_else(|| {
+        Denied(format!(
+            "subscription {subscription:?} is not in this sidecar's routing table"
+        ))
+    })?;
+    if sub.topic != topic_name {
+        return Err(Denied(format!(
+            "subscription {subscription:?} is of topic {:?}, not {topic_name:?}",
+            sub.topic
+        )));
+    }
+    let topic = topic(table, topic_name)?;
+    if !may_send(table, topic, caller) {
+        return Err(Denied(format!(
+            "{caller} may not send messages of topic {topic_name:?}"
+        )));
+    }
+    same_namespace(caller, producer, "producer")
+}
+
+/// A question about a delivery of `producer`.
+pub fn query(caller: &SpiffeId, producer: &str) -> Result<(), Denied> {
+    same_namespace(caller, producer, "producer")
+}
+
+/// Copies or custody of `topic_name`'s messages of `producer`, on this sidecar of
+/// `my_namespace`.
+pub fn holding(
+    table: &RoutingTable,
+    caller: &SpiffeId,
+    my_namespace: &str,
+    topic_name: &str,
+    producer: &str,
+) -> Result<(), Denied> {
+    same_namespace(caller, producer, "producer")?;
+    if caller.namespace != my_namespace {
+        return Err(Denied(format!(
+            "{caller} may not place copies on a sidecar of namespace {my_namespace:?}"
+        )));
+    }
+    let topic = topic(table, topic_name)?;
+    if !may_send(table, topic, caller) {
+        return Err(Denied(format!(
+            "{caller} may not hold messages of topic {topic_name:?}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::fixtures::{member, subscription, topic as topic_entry};
+
+    fn id(ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::new("ferry.local", ns, sa).unwrap()
+    }
+
+    fn table(allowed: Option<Vec<String>>) -> RoutingTable {
+        let mut t = RoutingTable::default();
+        let mut orders = topic_entry("shop", "orders");
+        orders.allowed_publishers = allowed;
+        t.topics.insert("shop/orders".into(), orders);
+        t.topics
+            .insert("shop/other".into(), topic_entry("shop", "other"));
+        t.subscriptions.insert(
+            "shop/w-orders".into(),
+            subscription("shop", "w-orders", "orders", "w"),
+        );
+        t
+    }
+
+    #[test]
+    fn forwards_need_a_caller_that_may_send_the_topic() {
+        let open = table(None);
+        let ok = forward(
+            &open,
+            &id("shop", "any"),
+            "shop/w-orders",
+            "shop/orders",
+            "shop/p",
+        );
+        assert_eq!(ok, Ok(()));
+        for (caller, sub, topic, producer, why) in [
+            (
+                id("evil", "x"),
+                "shop/w-orders",
+                "shop/orders",
+                "evil/p",
+                "may not send",
+            ),
+            (
+                id("shop", "a"),
+                "shop/nope",
+                "shop/orders",
+                "shop/p",
+                "not in this",
+            ),
+            (
+                id("shop", "a"),
+                "shop/w-orders",
+                "shop/other",
+                "shop/p",
+                "is of topic",
+            ),
+            (
+                id("shop", "a"),
+                "shop/w-orders",
+                "shop/orders",
+                "bank/p",
+                "another namespace",
+            ),
+        ] {
+            let err = forward(&open, &caller, sub, topic, producer).unwrap_err();
+            assert!(err.0.contains(why), "{err}");
+        }
+        // An allow-list: its entries, and group members of their namespaces (custodians).
+        let mut listed = table(Some(vec!["bank/payer".into()]));
+        let send = |t: &RoutingTable, who: SpiffeId| {
+            let producer = format!("{}/p", who.namespace);
+            forward(t, &who, "shop/w-orders", "shop/orders", &producer)
+        };
+        assert!(send(&listed, id("bank", "payer")).is_ok());
+        assert!(
+            send(&listed, id("bank", "custodian")).is_err(),
+            "not a member"
+        );
+        assert!(send(&listed, id("shop", "a")).is_err());
+        let mut custodian = member("bank", "g", "c-0", "z", "10.0.0.9:7710");
+        custodian.service_account = "custodian".into();
+        listed
+            .members
+            .entry("bank/g".into())
+            .or_default()
+            .insert("c-0".into(), custodian);
+        assert!(send(&listed, id("bank", "custodian")).is_ok());
+        assert!(send(&listed, id("evil", "custodian")).is_err());
+    }
+
+    #[test]
+    fn copies_stay_in_the_producers_namespace() {
+        let t = table(None);
+        assert!(holding(&t, &id("shop", "a"), "shop", "shop/orders", "shop/p").is_ok());
+        let err = holding(&t, &id("shop", "a"), "bank", "shop/orders", "shop/p").unwrap_err();
+        assert!(err.0.contains("namespace \"bank\""), "{err}");
+        assert!(holding(&t, &id("shop", "a"), "shop", "shop/orders", "bank/p").is_err());
+        assert!(holding(&t, &id("shop", "a"), "shop", "shop/gone", "shop/p").is_err());
+        assert!(query(&id("shop", "a"), "bank/p").is_err());
+        assert!(query(&id("shop", "a"), "shop/p").is_ok());
+    }
+}
