@@ -37,6 +37,7 @@ mod process {
     pub mod replicated;
     pub mod reused_offsets;
     pub mod sigterm;
+    pub mod slow_clients;
     pub mod soak_bounds;
     pub mod stuck_message;
     pub mod torn_tail;
