@@ -33,6 +33,30 @@ use crate::routing::etcd::SourceStatus;
 const STREAM_WINDOW: u32 = 8 << 20;
 /// See [`STREAM_WINDOW`]; the connection window covers every stream of one connection.
 const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Concurrent HTTP/2 streams per connection on the gRPC servers: a producer uses one
+/// `Forward` stream per link plus a few unary calls, an app a handful of streams; more from
+/// one connection is a caller trying to exhaust the server.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Largest header block a gRPC caller may send (metadata of Ferry's own calls is tiny).
+const MAX_HEADER_LIST: u32 = 16 << 10;
+/// Streams a caller may open and reset at once before the connection is closed (HTTP/2
+/// rapid reset).
+const MAX_PENDING_RESETS: usize = 32;
+/// A peer that does not answer a keepalive ping within this is dropped.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A gRPC server with the limits every Ferry port applies.
+fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+}
+
 /// How long tasks get to finish after the stop signal before they are abandoned.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the credentials folder is checked for a rotated certificate or bundle.
@@ -277,9 +301,7 @@ impl Sidecar {
         let app = AppServer::new(AppService::new(engine.clone()))
             .max_decoding_message_size(APP_MAX_MESSAGE)
             .max_encoding_message_size(APP_MAX_MESSAGE);
-        let server = tonic::transport::Server::builder()
-            .initial_stream_window_size(Some(STREAM_WINDOW))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        let server = grpc_server()
             .add_service(app)
             .add_service(reflection)
             .serve_with_incoming_shutdown(no_delay(app_grpc), stop.clone().cancelled_owned());
@@ -288,11 +310,7 @@ impl Sidecar {
         let peer_svc = PeerServer::new(PeerService::new(engine.clone(), stop.clone()))
             .max_decoding_message_size(PEER_MAX_MESSAGE)
             .max_encoding_message_size(PEER_MAX_MESSAGE);
-        let router = tonic::transport::Server::builder()
-            .initial_stream_window_size(Some(STREAM_WINDOW))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW))
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .add_service(peer_svc);
+        let router = grpc_server().add_service(peer_svc);
         let server = match self.tls {
             Some((tls, reloader)) => {
                 let incoming = crate::peer::tls::incoming(
@@ -325,17 +343,26 @@ impl Sidecar {
 
         let router =
             http::router(engine.clone()).layer(RequestBodyLimitLayer::new(http::HTTP_MAX_BODY));
-        let server =
-            axum::serve(app_http, router).with_graceful_shutdown(stop.clone().cancelled_owned());
-        tasks.push(("app HTTP", spawn_server("app HTTP", server.into_future())));
+        tasks.push((
+            "app HTTP",
+            tokio::spawn(crate::http_server::serve(
+                "app HTTP",
+                app_http,
+                router,
+                stop.clone(),
+            )),
+        ));
 
         let router =
             crate::admin::router_with_routing(engine.clone(), ready.clone(), self.routing_status);
-        let server =
-            axum::serve(admin, router).with_graceful_shutdown(stop.clone().cancelled_owned());
         tasks.push((
             "admin HTTP",
-            spawn_server("admin HTTP", server.into_future()),
+            tokio::spawn(crate::http_server::serve(
+                "admin HTTP",
+                admin,
+                router,
+                stop.clone(),
+            )),
         ));
 
         ready.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -338,6 +338,16 @@ impl Consumer {
                     continue;
                 }
             };
+            // The subscription's ackWait from this sidecar's own table, not the one a
+            // delivery carries: a caller could otherwise pin deliveries here for as long as
+            // it likes.
+            let ack_wait = Duration::from_millis(
+                table
+                    .subscriptions
+                    .get(&sub)
+                    .map_or(1, |s| s.ack_wait_ms)
+                    .max(1),
+            );
             let mut last_producer: Option<Arc<str>> = None;
             let arrivals: Vec<Arrival> = items
                 .into_iter()
@@ -359,7 +369,7 @@ impl Consumer {
                         offset: d.offset,
                         attempt: d.attempt,
                         incarnation: d.incarnation,
-                        ack_wait: Duration::from_millis(d.ack_wait_ms.max(1)),
+                        ack_wait,
                         delivery: Delivery {
                             delivery_id: id,
                             message_id: m.id,
