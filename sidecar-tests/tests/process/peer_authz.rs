@@ -14,15 +14,17 @@ use ferry_api::proto::v1::peer_client::PeerClient;
 use ferry_api::proto::v1::{
     HeldRequest, Outcome, PeerMessage, QueryDeliveryRequest, ReplicateRequest, TakeCustodyRequest,
 };
-use ferry_sidecar_tests::harness::{Behavior, TestMesh, spawn_consumer, wait_for};
-use ferry_sidecar_tests::history::{Expect as Want, History};
+use ferry_sidecar_tests::harness::{Behavior, TestMesh, spawn_consumer};
+use ferry_sidecar_tests::history::History;
 use ferryctl::metrics::{counter, scrape};
 use tokio::time::Instant;
 use tonic::Code;
 use tonic::transport::Channel;
 
 use super::common::{group, subscription, topic};
-use super::peer_mtls::{client_with, forged, publish_batch, tls_channel};
+use super::peer_mtls::{
+    client_with, delivered_without_forgeries, forged, publish_batch, tls_channel,
+};
 
 fn as_identity(mesh: &TestMesh, peer: &str, ns: &str, sa: &str) -> anyhow::Result<Channel> {
     let ca = ferryctl::mesh::identity::ca(mesh.dir.path())?;
@@ -158,24 +160,7 @@ async fn a_valid_certificate_grants_only_what_its_identity_may() -> anyhow::Resu
         anyhow::ensure!(Instant::now() < deadline, "refusals not counted: {denied}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let want = history.acked_ids().len();
-    let h = history.clone();
-    wait_for(
-        Duration::from_secs(60),
-        "every real message delivered",
-        || h.deliveries_to("workers").len() >= want,
-    )
-    .await?;
-    let forged_seen = history
-        .deliveries()
-        .iter()
-        .filter(|d| d.message_id.starts_with("forged"))
-        .count();
-    let counts = history.check(&[Want::AnyMember {
-        group: "workers".into(),
-        topic: "default/orders".into(),
-        check_order: false,
-    }]);
+    let (counts, forged_seen) = delivered_without_forgeries(&history).await?;
     println!(
         "peer_authz: {counts}; refusals counted {denied}; forged deliveries seen {forged_seen}"
     );

@@ -16,7 +16,7 @@ use ferry_api::identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
 use ferry_api::proto::v1::peer_client::PeerClient;
 use ferry_api::proto::v1::{Deliver, ForwardRequest, PeerMessage};
 use ferry_sidecar_tests::harness::{Behavior, TestMesh, publish, spawn_consumer, wait_for};
-use ferry_sidecar_tests::history::{Expect as Want, History};
+use ferry_sidecar_tests::history::{Counts, Expect as Want, History};
 use ferryctl::client::App;
 use ferryctl::metrics::{counter, scrape};
 use tokio::time::Instant;
@@ -87,6 +87,31 @@ pub(super) async fn publish_batch(
         .await?;
     }
     Ok(from + count)
+}
+
+/// Waits until every acked real message was delivered to `workers`; returns the history's
+/// counts and how many forged messages (ids starting with `forged`) reached the app.
+pub(super) async fn delivered_without_forgeries(
+    history: &History,
+) -> anyhow::Result<(Counts, usize)> {
+    let want = history.acked_ids().len();
+    wait_for(
+        Duration::from_secs(60),
+        "every real message delivered",
+        || history.deliveries_to("workers").len() >= want,
+    )
+    .await?;
+    let forged = history
+        .deliveries()
+        .iter()
+        .filter(|d| d.message_id.starts_with("forged"))
+        .count();
+    let counts = history.check(&[Want::AnyMember {
+        group: "workers".into(),
+        topic: "default/orders".into(),
+        check_order: false,
+    }]);
+    Ok((counts, forged))
 }
 
 pub(super) fn tls_channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Channel {
@@ -206,24 +231,7 @@ async fn peers_without_a_valid_certificate_get_nothing() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let want = history.acked_ids().len();
-    let h = history.clone();
-    wait_for(
-        Duration::from_secs(60),
-        "every real message delivered",
-        || h.deliveries_to("workers").len() >= want,
-    )
-    .await?;
-    let forged_seen = history
-        .deliveries()
-        .iter()
-        .filter(|d| d.message_id.starts_with("forged-"))
-        .count();
-    let counts = history.check(&[Want::AnyMember {
-        group: "workers".into(),
-        topic: "default/orders".into(),
-        check_order: false,
-    }]);
+    let (counts, forged_seen) = delivered_without_forgeries(&history).await?;
     let refused = counter(&scrape(admin).await?, "peer_refused") - refused_before;
     println!(
         "peer_mtls: {counts}; refused connections {refused}; forged deliveries seen {forged_seen}"

@@ -22,6 +22,23 @@ pub mod acked_journal;
 mod held;
 pub mod ids;
 pub mod inbox;
+
+/// The answer to a delivery this sidecar refuses (not a member, unknown subscription, not
+/// authorized): `REJECTED` with the reason, naming the message as every settlement does, so
+/// that the producer retries it elsewhere.
+pub fn rejected(d: Deliver, reason: String) -> Settled {
+    Settled {
+        offset: d.offset,
+        attempt: d.attempt,
+        outcome: Outcome::Rejected as i32,
+        delay_ms: 0,
+        reason,
+        message_id: d.message.map(|m| m.id).unwrap_or_default(),
+        incarnation: d.incarnation,
+        subscription: d.subscription,
+    }
+}
+
 #[cfg(test)]
 mod namespace_tests;
 mod session;
@@ -282,7 +299,8 @@ impl Consumer {
         }
     }
 
-    /// Takes a batch of deliveries in.
+    /// Takes a batch of deliveries in; those this sidecar cannot take are answered with
+    /// [`rejected`].
     pub fn accept(&self, incoming: Vec<Incoming>) {
         let now = Instant::now();
         let table = self.routing.borrow().clone();
@@ -320,19 +338,9 @@ impl Consumer {
                         }
                     };
                     for i in items {
-                        let d = i.deliver;
                         replies.push(Reply {
                             to: i.reply,
-                            settled: Settled {
-                                subscription: sub.clone(),
-                                offset: d.offset,
-                                attempt: d.attempt,
-                                outcome: Outcome::Rejected as i32,
-                                delay_ms: 0,
-                                reason: reason.clone(),
-                                message_id: d.message.map(|m| m.id).unwrap_or_default(),
-                                incarnation: d.incarnation,
-                            },
+                            settled: rejected(i.deliver, reason.clone()),
                         });
                     }
                     continue;

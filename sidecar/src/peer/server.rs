@@ -17,11 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use ferry_api::identity::SpiffeId;
-use ferry_api::proto::v1::Outcome;
 
 use super::authz;
 use super::tls::PeerInfo;
-use crate::consumer::{Consumer, Incoming, ReplyTo};
+use crate::consumer::{Consumer, Incoming, ReplyTo, rejected};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::replica::{Moved, custody, from_wire};
@@ -135,16 +134,7 @@ impl Peer for PeerService {
                         if let Err(denied) = verdict {
                             engine.metrics.denied("Forward");
                             tracing::warn!(%caller, reason = %denied, "forwarded delivery refused");
-                            let _ = settled_tx.send(Settled {
-                                subscription: deliver.subscription,
-                                offset: deliver.offset,
-                                attempt: deliver.attempt,
-                                outcome: Outcome::Rejected as i32,
-                                delay_ms: 0,
-                                reason: denied.to_string(),
-                                message_id: deliver.message.map(|m| m.id).unwrap_or_default(),
-                                incarnation: deliver.incarnation,
-                            });
+                            let _ = settled_tx.send(rejected(deliver, denied.to_string()));
                             continue;
                         }
                     }
