@@ -26,6 +26,12 @@ use crate::log::Offset;
 /// Settled delivery ids remembered, for precise "expired"/"already settled" answers.
 const FINISHED_MEMORY: usize = 100_000;
 
+/// Deliveries one subscription's inbox holds at most (waiting for credit or with the app).
+/// Each producer sends at most `maxInFlight` per member, but nothing bounds how many
+/// producers (or callers) send: past this, a delivery is refused (`REJECTED`, and its
+/// producer retries it later or elsewhere) instead of growing the inbox without bound.
+pub const MAX_HELD: usize = 16_384;
+
 /// Re-linked attempt numbers kept per held delivery (see `Held::earlier`).
 const MAX_EARLIER_ATTEMPTS: usize = 4;
 
@@ -165,6 +171,15 @@ impl InboxState {
                 // from 0 again. The older delivery id is void.
                 self.finish(old, Finish::Superseded);
                 self.queue.retain(|s| *s != old);
+            }
+            if self.held.len() >= MAX_HELD {
+                let reason = format!("inbox full: {MAX_HELD} deliveries held for the app");
+                let settled = settled(&self.subscription, a.name(), Outcome::Rejected, 0, &reason);
+                out.push(Reply {
+                    to: a.reply,
+                    settled,
+                });
+                continue;
             }
             if self.exactly_once_window.is_some() {
                 if let Some(&held) = self.held_ids.get(&a.delivery.message_id)

@@ -338,3 +338,26 @@ fn a_rejection_names_the_message_it_refuses() {
         (Outcome::Rejected as i32, 2, "x", 5)
     );
 }
+
+#[test]
+fn a_full_inbox_refuses_instead_of_growing() {
+    let now = Instant::now();
+    let mut s = InboxState::new("ns/sub".into());
+    let mut out = Vec::new();
+    let n = MAX_HELD as u64;
+    s.accept(
+        (0..n + 2).map(|i| arrival(i, i, 1)).collect(),
+        now,
+        &mut out,
+    );
+    assert_eq!(out.len(), 2, "only the two past the bound are answered");
+    for r in &out {
+        assert_eq!(r.settled.outcome, Outcome::Rejected as i32);
+        assert!(
+            r.settled.reason.contains("inbox full"),
+            "{}",
+            r.settled.reason
+        );
+    }
+    assert_eq!(out[0].settled.offset, n);
+}
