@@ -22,6 +22,9 @@ pub const WEBHOOK_PORT: u16 = 8443;
 
 /// Prefix of every environment variable the binaries read.
 pub const ENV_PREFIX: &str = "FERRY_";
+/// Audience of the projected service-account token a sidecar presents to be issued its
+/// workload certificate; a token for any other audience is refused.
+pub const IDENTITY_AUDIENCE: &str = "ferry.dev/identity";
 /// Pod annotation that asks for sidecar injection.
 pub const INJECT_ANNOTATION: &str = "ferry.dev/inject";
 /// Node label that gives a member its zone.

@@ -14,6 +14,8 @@
 //! - [`controllers`]: the controllers and their watches;
 //! - [`metrics`] and [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`;
 //! - [`webhook`]: the sidecar-injection admission webhook, served over TLS by every replica;
+//! - [`identity`]: the mesh's certificate authority: workload certificates for sidecars whose
+//!   pod an API-server TokenReview vouches for;
 //! - [`error`]: the one error type.
 //!
 //! [`run`] is the whole operator: `main.rs` only parses flags, sets up logging and handles
@@ -25,6 +27,7 @@ pub mod desired;
 pub mod error;
 pub mod etcd;
 pub mod http;
+pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

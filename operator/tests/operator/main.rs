@@ -6,6 +6,7 @@
 //! - `membership`: pods and nodes → members, within the design's 2 s;
 //! - `leadership`: restart idempotency, fencing of a stale leader;
 //! - `webhook`: sidecar injection through the real API server;
+//! - `identity`: workload certificates issued after a TokenReview of the pod's token;
 //! - `examples`: every example under `examples/` turns Ready (`kubectl wait`);
 //! - `outages`: docs/reliability.md rows 15 and 17, etcd and API server paused (SIGSTOP);
 //! - `zombie`: row 18, a `ferry-operator` process frozen past its lease and resumed;
@@ -13,6 +14,7 @@
 
 mod examples;
 mod faults;
+mod identity;
 mod leadership;
 mod membership;
 mod outages;

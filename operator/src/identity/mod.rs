@@ -1,0 +1,11 @@
+//! Workload identity, the operator's side: it is the mesh's certificate authority, and it
+//! issues a sidecar its certificate only after checking, through the API server, which pod
+//! the sidecar speaks for.
+//!
+//! Layout: [`certify`] (verify a projected service-account token with a TokenReview, check
+//! the pod it is bound to, sign the sidecar's CSR for that pod's namespace and service
+//! account).
+
+pub mod certify;
+
+pub use certify::{Certified, Certifier, CertifyError};

@@ -1,0 +1,124 @@
+//! Workload certificates through the real API server: a sidecar presenting its pod's
+//! projected service-account token (audience `ferry.dev/identity`, bound to the pod) is
+//! issued a certificate for the pod's namespace and service account, whatever its CSR asks;
+//! a garbage token, one for another audience, one bound to no pod, and a pod that was not
+//! injected (a container merely named like the sidecar) get nothing.
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Result, anyhow};
+use ferry_api::consts::IDENTITY_AUDIENCE;
+use ferry_api::identity::ca::{Ca, new_csr};
+use ferry_api::identity::spiffe_id_of;
+use ferry_api::identity::tls::certs_from_pem;
+use ferry_operator::identity::{Certifier, CertifyError};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::PostParams;
+use serde_json::json;
+
+use super::support::{World, pod};
+
+async fn token(world: &World, sa: &str, audience: &str, pod: Option<&Pod>) -> Result<String> {
+    let bound = pod.map(|p| BoundObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: p.metadata.name.clone(),
+        uid: p.metadata.uid.clone(),
+    });
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.into()]),
+            bound_object_ref: bound,
+            expiration_seconds: Some(600),
+        }),
+        ..TokenRequest::default()
+    };
+    let answer = world
+        .api::<ServiceAccount>()
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await?;
+    answer
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| anyhow!("the token request returned no token"))
+}
+
+async fn create_pod(world: &World, name: &str, sa: &str, injected: bool) -> Result<Pod> {
+    let mut spec = pod(name, "orders", "node-a", "native");
+    spec["spec"]["serviceAccountName"] = json!(sa);
+    if injected {
+        spec["metadata"]["annotations"] = json!({"ferry.dev/inject": "true"});
+    }
+    Ok(world
+        .api::<Pod>()
+        .create(&PostParams::default(), &serde_json::from_value(spec)?)
+        .await?)
+}
+
+#[tokio::test]
+async fn a_pods_token_buys_its_identity_and_nothing_else() -> Result<()> {
+    let world = World::new("identity").await?;
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "orders"}}))?;
+    world
+        .api::<ServiceAccount>()
+        .create(&PostParams::default(), &sa)
+        .await?;
+    let injected = create_pod(&world, "orders-0", "orders", true).await?;
+    let spoofing = create_pod(&world, "spoofer-0", "orders", false).await?;
+    let ca = Ca::generate(
+        "cluster.local",
+        SystemTime::now(),
+        Duration::from_secs(86_400),
+    )?;
+    let certifier = Certifier::new(
+        world.client.clone(),
+        ca,
+        "cluster.local",
+        Duration::from_secs(3600),
+    );
+    let (csr, _key) = new_csr()?;
+
+    let good = token(&world, "orders", IDENTITY_AUDIENCE, Some(&injected)).await?;
+    let issued = certifier.certify(&good, &csr).await?;
+    let leaf = certs_from_pem(&issued.chain_pem, "leaf")?;
+    let id = spiffe_id_of(&leaf[0])?;
+    println!("identity: issued {id}, valid until {:?}", issued.not_after);
+    assert_eq!(
+        id.to_string(),
+        format!("spiffe://cluster.local/ns/{}/sa/orders", world.ns)
+    );
+    assert_eq!(issued.identity, id);
+
+    let refusals = [
+        ("garbage token", "not-a-token".to_owned()),
+        (
+            "another audience",
+            token(
+                &world,
+                "orders",
+                "https://kubernetes.default.svc",
+                Some(&injected),
+            )
+            .await?,
+        ),
+        (
+            "no pod bound",
+            token(&world, "orders", IDENTITY_AUDIENCE, None).await?,
+        ),
+        (
+            "a pod that was not injected",
+            token(&world, "orders", IDENTITY_AUDIENCE, Some(&spoofing)).await?,
+        ),
+    ];
+    for (what, token) in refusals {
+        let err = certifier
+            .certify(&token, &csr)
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("{what}: a certificate was issued"))?;
+        println!("identity: {what} -> refused: {err}");
+        assert!(!matches!(err, CertifyError::Kube(_)), "{what}: {err}");
+    }
+    Ok(())
+}
