@@ -155,6 +155,15 @@ async fn stop_with(signal: Signal) -> anyhow::Result<(std::process::ExitStatus, 
     // The same addresses and data folder again: the ports are free, the log is readable.
     let mut second = Dev::start(&subnet, data.path(), &["--exit-after", "0s"])?;
     let second_status = second.exited(Duration::from_secs(60)).await?;
+    if !second.printed("all sidecars stopped cleanly") {
+        // Say why: the end of each sidecar's log.
+        for entry in std::fs::read_dir(data.path().join("logs"))?.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(20)..];
+            println!("--- {}:\n{}", entry.path().display(), tail.join("\n"));
+        }
+    }
     assert!(
         second.printed("all sidecars stopped cleanly"),
         "the second ferryctl dev did not start and stop its sidecars"
