@@ -53,14 +53,17 @@
 //! duplicates at most the copies taken over. A handoff duplicates at most the deliveries in
 //! flight when it starts, whatever other subscriptions still lacked. A message that moves
 //! twice keeps who settled it only as far as the second holder's trims reached its own
-//! replicas. Each such delivery after the first carries attempt >= 2. The
-//! consuming side's `ExactlyOnce` memory is keyed by producer and offset, so it does not
-//! suppress a new holder's redelivery: `ExactlyOnce` subscriptions see these duplicates
-//! too.
+//! replicas. Each such delivery after the first carries attempt >= 2. `ExactlyOnce`
+//! subscriptions do not see these duplicates: the consuming side remembers the message ids
+//! its app acked, whoever sends them again (`consumer/acked_ids.rs`).
 //!
-//! Not covered: `Held` and `TakeCustody` trust the calling peer's word for its identity
-//! until peer mTLS exists; a copy read back from a replica with a bad CRC is reported by
-//! the log like any corrupt record (no refetch from another replica yet).
+//! Who may call: with peer mTLS, `Replicate`, `Held` and `TakeCustody` are accepted only
+//! from the producer's own namespace, on a sidecar of that namespace (`peer/authz.rs`);
+//! replicas and handoff peers are chosen there (`choose.rs`). A plaintext peer port checks
+//! nothing.
+//!
+//! Not covered: a copy read back from a replica with a bad CRC is reported by the log like
+//! any corrupt record (no refetch from another replica yet).
 
 pub mod choose;
 pub mod custody;
