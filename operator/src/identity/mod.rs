@@ -2,10 +2,13 @@
 //! issues a sidecar its certificate only after checking, through the API server, which pod
 //! the sidecar speaks for.
 //!
-//! Layout: [`certify`] (verify a projected service-account token with a TokenReview, check
+//! Layout: [`ca_secret`] (the CA in a Secret: read, or made and created once), [`certify`]
+//! (verify a projected service-account token with a TokenReview, check
 //! the pod it is bound to, sign the sidecar's CSR for that pod's namespace and service
 //! account).
 
+pub mod ca_secret;
 pub mod certify;
 
+pub use ca_secret::{CaSecretError, load_or_create};
 pub use certify::{Certified, Certifier, CertifyError};

@@ -2,7 +2,8 @@
 //! projected service-account token (audience `ferry.dev/identity`, bound to the pod) is
 //! issued a certificate for the pod's namespace and service account, whatever its CSR asks;
 //! a garbage token, one for another audience, one bound to no pod, and a pod that was not
-//! injected (a container merely named like the sidecar) get nothing.
+//! injected (a container merely named like the sidecar) get nothing. The CA itself lives
+//! in a Secret, made once however many replicas start at once.
 
 use std::time::{Duration, SystemTime};
 
@@ -11,9 +12,9 @@ use ferry_api::consts::IDENTITY_AUDIENCE;
 use ferry_api::identity::ca::{Ca, new_csr};
 use ferry_api::identity::spiffe_id_of;
 use ferry_api::identity::tls::certs_from_pem;
-use ferry_operator::identity::{Certifier, CertifyError};
+use ferry_operator::identity::{Certifier, CertifyError, load_or_create};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::PostParams;
 use serde_json::json;
 
@@ -120,5 +121,70 @@ async fn a_pods_token_buys_its_identity_and_nothing_else() -> Result<()> {
         println!("identity: {what} -> refused: {err}");
         assert!(!matches!(err, CertifyError::Kube(_)), "{what}: {err}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_ca_is_made_once_and_shared() -> Result<()> {
+    let world = World::new("identity-ca").await?;
+    let year = Duration::from_secs(365 * 86_400);
+    // Two replicas starting at once: one CA.
+    let (a, b) = tokio::join!(
+        load_or_create(
+            world.client.clone(),
+            &world.ns,
+            "ferry-identity-ca",
+            "cluster.local",
+            year
+        ),
+        load_or_create(
+            world.client.clone(),
+            &world.ns,
+            "ferry-identity-ca",
+            "cluster.local",
+            year
+        ),
+    );
+    let (a, b) = (a?, b?);
+    assert_eq!(a.cert_pem(), b.cert_pem(), "two CAs were made");
+    let again = load_or_create(
+        world.client.clone(),
+        &world.ns,
+        "ferry-identity-ca",
+        "cluster.local",
+        year,
+    )
+    .await?;
+    assert_eq!(again.cert_pem(), a.cert_pem(), "a restart made a new CA");
+
+    // A Secret that holds no CA (a leaf, as a mistaken cert-manager Certificate would):
+    // a clear error naming the Secret.
+    let id = ferry_api::identity::SpiffeId::new("cluster.local", "x", "y")?;
+    let leaf = a.issue_with_key(&id, SystemTime::now(), Duration::from_secs(60))?;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "not-a-ca"},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem},
+    }))?;
+    world
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let err = load_or_create(
+        world.client.clone(),
+        &world.ns,
+        "not-a-ca",
+        "cluster.local",
+        year,
+    )
+    .await
+    .err()
+    .ok_or_else(|| anyhow!("a leaf was taken for a CA"))?;
+    println!("identity: a Secret holding a leaf -> {err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("not-a-ca") && text.contains("not a CA"),
+        "{text}"
+    );
     Ok(())
 }
