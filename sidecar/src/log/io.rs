@@ -56,3 +56,28 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync directory", dir))
 }
+
+/// Writes `buf` into a new file at `tmp` (replacing any) and fsyncs it, for a file that is
+/// then renamed over the one it replaces. `ops` name the create, write and fsync steps in
+/// errors. A failed fsync here is not a failed fsync of the log (the temporary file is
+/// discarded and the old one stays in use), so it has its own operation name and poisons
+/// nothing.
+pub fn write_synced_temp(tmp: &Path, buf: &[u8], ops: [&'static str; 3]) -> Result<File, LogError> {
+    use std::io::Write;
+    let [create, write, fsync] = ops;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(io_err(create, tmp))?;
+    failpoint("log::write", tmp)
+        .and_then(|()| file.write_all(buf))
+        .map_err(io_err(write, tmp))?;
+    failpoint("log::fsync", tmp)
+        .and_then(|()| file.sync_data())
+        .map_err(io_err(fsync, tmp))?;
+    super::powerloss::synced(tmp);
+    Ok(file)
+}

@@ -19,13 +19,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::io::{failpoint, io_err, sync_data, sync_dir};
+use super::io::{failpoint, io_err, sync_data, sync_dir, write_synced_temp};
 use super::record::{self, Kind};
 use super::segment::ReadOutcome;
 use super::{LogError, Offset};
@@ -255,7 +254,12 @@ impl Relocated {
             index.insert(offset, (start as u64, len));
         }
         let tmp = self.dir.join(TMP_NAME);
-        let result = write_new(&tmp, &buf).and_then(|file| {
+        let result = write_synced_temp(
+            &tmp,
+            &buf,
+            ["create relocation", "write relocation", "fsync relocation"],
+        )
+        .and_then(|file| {
             failpoint("log::rename", &tmp)
                 .and_then(|()| std::fs::rename(&tmp, &self.path))
                 .map_err(io_err("rename relocated records", &tmp))?;
@@ -286,24 +290,4 @@ fn decode(buf: Bytes, expected: Offset, max_len: u32) -> Result<super::StoredMes
         ));
     }
     record::decode_message(&buf.slice(frame.body_start..frame.total_len)).map_err(|e| e.to_string())
-}
-
-fn write_new(tmp: &Path, buf: &[u8]) -> Result<File, LogError> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)
-        .map_err(io_err("create relocation", tmp))?;
-    failpoint("log::write", tmp)
-        .and_then(|()| file.write_all(buf))
-        .map_err(io_err("write relocation", tmp))?;
-    // Its own operation name: a failed fsync of the temporary file does not poison the log
-    // (the file is discarded and the old one stays in use).
-    failpoint("log::fsync", tmp)
-        .and_then(|()| file.sync_data())
-        .map_err(io_err("fsync relocation", tmp))?;
-    super::powerloss::synced(tmp);
-    Ok(file)
 }

@@ -20,13 +20,12 @@
 //! A torn or corrupt entry only loses a settlement, which at worst causes a redelivery.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::io::{failpoint, io_err, sync_data, sync_dir};
+use super::io::{failpoint, io_err, sync_data, sync_dir, write_synced_temp};
 use super::record::{self, Frame, Kind, Reader};
 use super::settlement::Settlements;
 use super::{LogError, Offset, Settlement};
@@ -211,7 +210,12 @@ impl SettlementStore {
             })?;
         }
         let tmp = self.dir.join(TMP_NAME);
-        let result = write_snapshot(&tmp, &buf).and_then(|file| {
+        let result = write_synced_temp(
+            &tmp,
+            &buf,
+            ["create snapshot", "write snapshot", "fsync snapshot"],
+        )
+        .and_then(|file| {
             failpoint("log::rename", &tmp)
                 .and_then(|()| std::fs::rename(&tmp, &self.path))
                 .map_err(io_err("rename snapshot", &tmp))?;
@@ -230,26 +234,6 @@ impl SettlementStore {
         self.pending.clear();
         sync_dir(&self.dir)
     }
-}
-
-fn write_snapshot(tmp: &Path, buf: &[u8]) -> Result<File, LogError> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)
-        .map_err(io_err("create snapshot", tmp))?;
-    failpoint("log::write", tmp)
-        .and_then(|()| file.write_all(buf))
-        .map_err(io_err("write snapshot", tmp))?;
-    // Not `io::sync_data`: a failed fsync of the temporary file is not a failed fsync of
-    // the log (the file is discarded), so it gets its own operation name and no poisoning.
-    failpoint("log::fsync", tmp)
-        .and_then(|()| file.sync_data())
-        .map_err(io_err("fsync snapshot", tmp))?;
-    super::powerloss::synced(tmp);
-    Ok(file)
 }
 
 fn how_to_u8(how: Settlement) -> u8 {
@@ -316,6 +300,8 @@ fn apply(state: &mut Settlements, frame: &Frame, body: &Bytes, next: Offset) -> 
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     #[test]
