@@ -49,6 +49,16 @@ pub enum AppEvent {
     Done { acked: u64, failed: u64 },
 }
 
+/// One line of a history file: the event and when the app saw it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Line {
+    /// Nanoseconds since the Unix epoch when the app wrote the line.
+    #[serde(default)]
+    at_ns: u64,
+    #[serde(flatten)]
+    event: AppEvent,
+}
+
 /// Appends events to a history file, one line per `write`.
 #[derive(Debug)]
 pub struct EventWriter {
@@ -65,9 +75,16 @@ impl EventWriter {
         Ok(Self { file })
     }
 
-    /// Writes one event as one line.
+    /// Writes one event as one line, stamped with the wall clock.
     pub fn write(&mut self, event: &AppEvent) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(event).map_err(std::io::Error::other)?;
+        let at_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let line = Line {
+            at_ns,
+            event: event.clone(),
+        };
+        let mut line = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)
     }
@@ -76,6 +93,10 @@ impl EventWriter {
 /// Reads every complete line of a history file (a torn last line, from an app killed
 /// mid-write, is ignored). A missing file reads as empty.
 pub fn read_events(path: &Path) -> std::io::Result<Vec<AppEvent>> {
+    Ok(read_lines(path)?.into_iter().map(|l| l.event).collect())
+}
+
+fn read_lines(path: &Path) -> std::io::Result<Vec<Line>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -85,4 +106,59 @@ pub fn read_events(path: &Path) -> std::io::Result<Vec<AppEvent>> {
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect())
+}
+
+/// Every event of every file in `paths`, as one history in the order the events happened.
+///
+/// The apps run in separate processes (one per pod), so a file holds one app's order only;
+/// a key that moves from one member to another is in order only across files. Every line
+/// carries the host's wall clock, which all the pods' namespaces share, and an app writes a
+/// delivery before it acks it, so a delivery that caused the next one (its ack let the key
+/// move) is stamped before it. Equal stamps keep the file order.
+pub fn read_merged(paths: &[std::path::PathBuf]) -> std::io::Result<Vec<AppEvent>> {
+    let mut all = Vec::new();
+    for path in paths {
+        all.extend(read_lines(path)?);
+    }
+    all.sort_by_key(|l| l.at_ns);
+    Ok(all.into_iter().map(|l| l.event).collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn delivered(member: &str, id: &str) -> AppEvent {
+        AppEvent::Delivered {
+            group: "g".into(),
+            member: member.into(),
+            id: id.into(),
+            attempt: 1,
+            key_sequence: 0,
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// A key that moves from one member to another: the first member's delivery happened
+    /// before the second's, so the merged history must say so, whatever the file order.
+    #[test]
+    fn merged_history_keeps_the_order_across_apps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+        let mut wa = EventWriter::open(&a).unwrap();
+        let mut wb = EventWriter::open(&b).unwrap();
+        wb.write(&delivered("b", "m1")).unwrap();
+        wa.write(&delivered("a", "m2")).unwrap();
+        wb.write(&delivered("b", "m3")).unwrap();
+        let merged = read_merged(&[a, b]).unwrap();
+        assert_eq!(
+            merged,
+            vec![
+                delivered("b", "m1"),
+                delivered("a", "m2"),
+                delivered("b", "m3")
+            ]
+        );
+    }
 }

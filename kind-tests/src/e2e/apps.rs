@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use tokio::process::Child;
 
 use super::{CONVERGE, E2e};
-use crate::app_events::{AppEvent, read_events};
+use crate::app_events::{AppEvent, read_events, read_merged};
 use crate::wait_for_value;
 
 /// A running `ferry-e2e-app`; killed when dropped.
@@ -121,13 +121,9 @@ impl E2e {
         Ok(app)
     }
 
-    /// Every history line of every app of this world, file by file.
+    /// Every history line of every app of this world, in the order they happened.
     pub fn events(&self) -> Result<Vec<AppEvent>> {
-        let mut all = Vec::new();
-        for path in &self.apps {
-            all.extend(read_events(path)?);
-        }
-        Ok(all)
+        Ok(read_merged(&self.apps)?)
     }
 
     /// Waits until `check` holds for the current events.
