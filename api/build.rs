@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/ferry/v1/app.proto", "proto/ferry/v1/peer.proto"];
+    let files = [
+        "proto/ferry/v1/app.proto",
+        "proto/ferry/v1/peer.proto",
+        "proto/ferry/v1/identity.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

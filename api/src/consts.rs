@@ -19,6 +19,17 @@ pub const SIDECAR_ADMIN_PORT: u16 = 7790;
 pub const OPERATOR_METRICS_PORT: u16 = 8080;
 /// Operator's sidecar-injection webhook.
 pub const WEBHOOK_PORT: u16 = 8443;
+/// Operator's identity service (`ferry.v1.Identity`, gRPC over TLS).
+pub const IDENTITY_PORT: u16 = 8444;
+/// Service account the operator runs as (the chart's); its SPIFFE ID is what the identity
+/// service proves to sidecars.
+pub const OPERATOR_SERVICE_ACCOUNT: &str = "ferry-operator";
+/// Where the injected sidecar finds its pod's projected identity token.
+pub const IDENTITY_TOKEN_DIR: &str = "/var/run/secrets/ferry.dev/identity";
+/// File name of the token in [`IDENTITY_TOKEN_DIR`].
+pub const IDENTITY_TOKEN_FILE: &str = "token";
+/// [`IDENTITY_TOKEN_DIR`]`/`[`IDENTITY_TOKEN_FILE`], the sidecar's default token file.
+pub const IDENTITY_TOKEN_PATH: &str = "/var/run/secrets/ferry.dev/identity/token";
 
 /// Prefix of every environment variable the binaries read.
 pub const ENV_PREFIX: &str = "FERRY_";
@@ -53,4 +64,19 @@ pub mod sidecar_annotations {
     pub const DATA_VOLUME: &str = "ferry.dev/data-volume";
     /// `sizeLimit` of the default `emptyDir` data volume (`1Gi`).
     pub const DATA_SIZE_LIMIT: &str = "ferry.dev/data-size-limit";
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_token_path_is_the_dir_and_the_file() {
+        assert_eq!(
+            super::IDENTITY_TOKEN_PATH,
+            format!(
+                "{}/{}",
+                super::IDENTITY_TOKEN_DIR,
+                super::IDENTITY_TOKEN_FILE
+            )
+        );
+    }
 }

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use ferry_api::consts::{OPERATOR_METRICS_PORT, PEER_GRPC_PORT, WEBHOOK_PORT};
+use ferry_api::consts::{
+    OPERATOR_METRICS_PORT, OPERATOR_SERVICE_ACCOUNT, PEER_GRPC_PORT, WEBHOOK_PORT,
+};
+use ferry_api::identity::DEFAULT_TRUST_DOMAIN;
 use ferry_api::routing::PREFIX;
 
 use crate::error::{Error, Result};
@@ -17,6 +20,9 @@ use crate::error::{Error, Result};
 /// Default etcd key that fences writers; outside the routing table's prefix so that no
 /// sidecar ever reads it as a routing entry.
 pub const DEFAULT_FENCE_KEY: &str = "/ferry/leader";
+
+/// Default name of the Secret that holds the mesh's CA.
+pub const DEFAULT_CA_SECRET: &str = "ferry-identity-ca";
 
 /// Default image of the injected sidecar.
 pub const DEFAULT_SIDECAR_IMAGE: &str = concat!(
@@ -125,6 +131,56 @@ pub struct Config {
     /// Log format (the filter is `RUST_LOG`, default `info`).
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub workload_identity: IdentityFlags,
+}
+
+/// The identity service: the mesh's CA, issuing sidecars their workload certificates.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdentityFlags {
+    /// Address of the identity service (`ferry.v1.Identity`, gRPC over TLS). Without it the
+    /// operator issues no certificates and the webhook injects no identity settings, so the
+    /// injected sidecars need another source of certificates (`--tls-dir`).
+    #[arg(long, env = "FERRY_IDENTITY_ADDR")]
+    pub identity_addr: Option<SocketAddr>,
+
+    /// URL the injected sidecars reach the identity service at (e.g.
+    /// `https://ferry-identity.ferry-system.svc:8444`, the chart's Service); the webhook puts
+    /// it in their environment. Required with `--identity-addr`.
+    #[arg(long, env = "FERRY_IDENTITY_URL")]
+    pub identity_url: Option<String>,
+
+    /// Trust domain of the workload identities (`spiffe://<domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "FERRY_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Secret (`kubernetes.io/tls`, in `--lease-namespace`, the operator's own namespace)
+    /// that holds the CA; made on first start when missing, or provided by cert-manager.
+    #[arg(long, env = "FERRY_CA_SECRET", default_value = DEFAULT_CA_SECRET)]
+    pub ca_secret: String,
+
+    /// Lifetime of a workload certificate; sidecars renew at half of it.
+    #[arg(long, env = "FERRY_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+
+    /// Service account the operator runs as: the identity service proves
+    /// `spiffe://<domain>/ns/<lease namespace>/sa/<this>` to the sidecars.
+    #[arg(long, env = "FERRY_SERVICE_ACCOUNT", default_value = OPERATOR_SERVICE_ACCOUNT)]
+    pub service_account: String,
+}
+
+impl Default for IdentityFlags {
+    fn default() -> Self {
+        Self {
+            identity_addr: None,
+            identity_url: None,
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            ca_secret: DEFAULT_CA_SECRET.into(),
+            workload_cert_ttl: Duration::from_secs(24 * 3600),
+            service_account: OPERATOR_SERVICE_ACCOUNT.into(),
+        }
+    }
 }
 
 impl Config {
@@ -150,6 +206,7 @@ impl Config {
             sidecar_image: DEFAULT_SIDECAR_IMAGE.into(),
             sidecar_config: None,
             log_format: LogFormat::Text,
+            workload_identity: IdentityFlags::default(),
         }
     }
 
@@ -231,6 +288,27 @@ impl Config {
         }
         if self.sidecar_peer_port == 0 {
             return bad("--sidecar-peer-port: must not be 0".into());
+        }
+        let w = &self.workload_identity;
+        if w.identity_addr.is_some() != w.identity_url.is_some() {
+            return bad(
+                "--identity-addr and --identity-url go together: the service, and where the sidecars reach it".into(),
+            );
+        }
+        if let Some(url) = &w.identity_url
+            && !url.starts_with("https://")
+        {
+            return bad(format!("--identity-url: {url:?} must be an https:// URL"));
+        }
+        if w.workload_cert_ttl < Duration::from_secs(60) {
+            return bad("--workload-cert-ttl: must be at least 1m".into());
+        }
+        if let Err(e) = ferry_api::identity::SpiffeId::new(
+            &w.trust_domain,
+            &self.lease_namespace,
+            &w.service_account,
+        ) {
+            return bad(format!("--trust-domain/--service-account: {e}"));
         }
         match &self.identity {
             Some(id) if id.trim().is_empty() => return bad("--identity: must not be empty".into()),

@@ -59,6 +59,8 @@ pub struct Running {
     pub metrics_addr: SocketAddr,
     /// Where the webhook is served, when `--webhook-cert-dir` is set.
     pub webhook_addr: Option<SocketAddr>,
+    /// Where the identity service is served, when `--identity-addr` is set.
+    pub identity_addr: Option<SocketAddr>,
     /// The metrics, for in-process observers.
     pub metrics: Arc<Metrics>,
     /// Completes when the operator has stopped (after `shutdown` was cancelled).
@@ -99,13 +101,16 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
         health.clone(),
         shutdown.clone(),
     ));
+    let identity = identity::service::start(&config, client.clone(), shutdown.clone()).await?;
+    let published = identity.as_ref().map(|s| s.published.clone());
     let (webhook_addr, webhook) = match &config.webhook_cert_dir {
         Some(dir) => {
-            let (addr, task) = start_webhook(&config, dir, shutdown.clone()).await?;
+            let (addr, task) = start_webhook(&config, dir, published, shutdown.clone()).await?;
             (Some(addr), Some(task))
         }
         None => (None, None),
     };
+    let identity_addr = identity.as_ref().map(|s| s.addr);
     let task = tokio::spawn({
         let metrics = metrics.clone();
         async move {
@@ -114,6 +119,13 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => warn!(%error, "the metrics server failed"),
                 Err(error) => warn!(%error, "the metrics server task failed"),
+            }
+            if let Some(identity) = identity {
+                match identity.task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => warn!(%error, "the identity service failed"),
+                    Err(error) => warn!(%error, "the identity service task failed"),
+                }
             }
             if let Some(webhook) = webhook {
                 match webhook.await {
@@ -128,6 +140,7 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
     Ok(Running {
         metrics_addr,
         webhook_addr,
+        identity_addr,
         metrics,
         task,
     })
@@ -137,6 +150,7 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
 async fn start_webhook(
     config: &Config,
     cert_dir: &std::path::Path,
+    identity: Option<identity::service::Published>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
     let tls = webhook::tls::server_config(cert_dir)?;
@@ -149,7 +163,9 @@ async fn start_webhook(
         .map_err(listen_error)?;
     let listener = webhook::tls::TlsListener::new(tcp, tls).map_err(listen_error)?;
     let addr = axum::serve::Listener::local_addr(&listener).map_err(listen_error)?;
-    let router = webhook::router(webhook::defaults::injection(config)?);
+    let mut injection = webhook::defaults::injection(config)?;
+    injection.identity = identity;
+    let router = webhook::router(injection);
     info!(%addr, "serving the sidecar-injection webhook");
     let task = tokio::spawn(async move {
         axum::serve(listener, router)

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use ferry_api::consts::IDENTITY_TOKEN_PATH;
 
 use crate::error::Error;
 
@@ -117,8 +118,23 @@ pub struct Config {
     /// Secret. With it, every peer connection is mutual TLS and a peer is known by the
     /// identity its certificate proves; the files are re-read when they change (rotation).
     /// The certificate must name this pod's namespace and service account.
-    #[arg(long, env = "FERRY_TLS_DIR")]
+    #[arg(long, env = "FERRY_TLS_DIR", conflicts_with = "identity_url")]
     pub tls_dir: Option<PathBuf>,
+    /// The operator's identity service (`https://HOST:PORT`), which issues this sidecar its
+    /// workload certificate for its pod's projected token and renews it at half-life; the
+    /// webhook sets it. The certificate stays in memory.
+    #[arg(long, env = "FERRY_IDENTITY_URL", requires_all = ["identity_server", "identity_trust_anchors"])]
+    pub identity_url: Option<String>,
+    /// The identity (`spiffe://...`) the identity service must prove.
+    #[arg(long, env = "FERRY_IDENTITY_SERVER")]
+    pub identity_server: Option<String>,
+    /// The CA certificates (PEM text) the identity service's certificate must chain to, until
+    /// the service's answers bring the mesh's current bundle.
+    #[arg(long, env = "FERRY_IDENTITY_TRUST_ANCHORS", hide_env_values = true)]
+    pub identity_trust_anchors: Option<String>,
+    /// The pod's projected service-account token for the audience `ferry.dev/identity`.
+    #[arg(long, env = "FERRY_IDENTITY_TOKEN_FILE", default_value = IDENTITY_TOKEN_PATH)]
+    pub identity_token_file: PathBuf,
 }
 
 /// Parses a Go-style duration (`25s`, `1m30s`, `200ms`) as the CRDs write them.
@@ -151,6 +167,10 @@ impl Config {
             max_unconfirmed_publishes: DEFAULT_MAX_UNCONFIRMED_PUBLISHES,
             replica_takeover_after: Duration::from_secs(60),
             tls_dir: None,
+            identity_url: None,
+            identity_server: None,
+            identity_trust_anchors: None,
+            identity_token_file: IDENTITY_TOKEN_PATH.into(),
             drain_on_stdin_eof: false,
         }
     }

@@ -8,7 +8,8 @@
 //! subscription choosing members, retrying, dead-lettering), `peer` (sidecar-to-sidecar
 //! gRPC: server and batched client streams), `consumer` (consuming side: deliveries held
 //! for the app, credits, delivery ids), `app` (the app's gRPC and HTTP APIs), `admin`
-//! (metrics and health), `http_server` (the limits of the HTTP ports: header timeout,
+//! (metrics and health), `identity` (the workload certificate from the operator's identity
+//! service, renewed at half-life), `http_server` (the limits of the HTTP ports: header timeout,
 //! header size, connections), `engine` (the shared state handed to every layer), `runtime`
 //! (starting and stopping it all) and `shutdown` (signals and the drain).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -22,6 +23,7 @@ pub mod delivery;
 pub mod engine;
 pub mod error;
 pub mod http_server;
+pub mod identity;
 pub mod log;
 pub mod metrics;
 pub mod peer;

@@ -114,8 +114,11 @@ pub struct Metrics {
     /// Peer connections refused: failed TLS handshake (no, expired, foreign or unusable
     /// certificate) or none within the deadline.
     pub peer_refused: Counter,
-    /// Reloads of the credentials folder that failed (the previous pair stays in use).
+    /// Reloads or renewals of the workload certificate that failed (the previous pair
+    /// stays in use).
     pub tls_reload_failed: Counter,
+    /// Workload certificates renewed by the operator's identity service.
+    pub certificate_renewals: Counter,
     /// Peer calls (or single deliveries of a `Forward`) refused by authorization.
     pub peer_denied: Family<RpcLabels, Counter>,
     /// Trims (settled ids) queued for replicas that did not take them yet.
@@ -176,6 +179,7 @@ impl Metrics {
             peer_links_closed: Counter::default(),
             peer_refused: Counter::default(),
             tls_reload_failed: Counter::default(),
+            certificate_renewals: Counter::default(),
             peer_denied: Family::default(),
             pending_trims: Gauge::default(),
             trims_dropped: Counter::default(),
@@ -350,8 +354,13 @@ impl Metrics {
         );
         registry.register(
             "tls_reload_failed",
-            "Reloads of the certificate folder that failed; the previous pair stays in use",
+            "Reloads or renewals of the workload certificate that failed; the previous pair stays in use",
             self.tls_reload_failed.clone(),
+        );
+        registry.register(
+            "certificate_renewals",
+            "Workload certificates renewed by the operator's identity service",
+            self.certificate_renewals.clone(),
         );
         registry.register(
             "pending_trims",

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use ferry_api::identity::files::{CredentialDir, Reloader};
 use ferry_api::identity::tls::PeerTls;
+use ferry_api::identity::{IdentityError, SpiffeId};
+
+use crate::identity::IdentitySource;
 use ferry_api::proto::v1::app_server::AppServer;
 use ferry_api::proto::v1::peer_server::PeerServer;
 use tokio::net::TcpListener;
@@ -83,8 +86,51 @@ pub struct Sidecar {
     addrs: Addrs,
     /// The etcd source's status, reported on the admin port.
     routing_status: Option<Arc<SourceStatus>>,
-    /// Peer mutual TLS (`--tls-dir`) and the watcher of its folder.
-    tls: Option<(PeerTls, Reloader)>,
+    /// Peer mutual TLS and what renews it.
+    tls: Option<(PeerTls, Renewal)>,
+}
+
+/// Where renewed credentials come from.
+#[derive(Debug)]
+enum Renewal {
+    /// `--tls-dir`: re-read when the files change.
+    Files(Reloader),
+    /// `--identity-url`: asked of the operator at half-life.
+    Operator(IdentitySource),
+}
+
+/// How long a starting sidecar waits for its first certificate (the operator may be
+/// starting too) before it gives up and exits, for its container to be restarted.
+const FIRST_CERTIFICATE_WITHIN: Duration = Duration::from_secs(60);
+
+/// Asks the operator's identity service for this pod's first certificate.
+async fn certify(config: &Config, url: &str) -> Result<(PeerTls, IdentitySource), Error> {
+    let bad = |flag: &str, why: String| Error::Config(format!("--{flag}: {why}"));
+    let server: SpiffeId = config
+        .identity_server
+        .as_deref()
+        .ok_or_else(|| bad("identity-server", "required with --identity-url".into()))?
+        .parse()
+        .map_err(|e: IdentityError| bad("identity-server", e.to_string()))?;
+    let anchors = config.identity_trust_anchors.as_deref().ok_or_else(|| {
+        bad(
+            "identity-trust-anchors",
+            "required with --identity-url".into(),
+        )
+    })?;
+    let source = IdentitySource::new(
+        url,
+        server,
+        &config.identity_token_file,
+        &config.namespace,
+        &config.service_account,
+    )
+    .map_err(|e| Error::Config(e.to_string()))?;
+    let tls = source
+        .bootstrap(anchors, FIRST_CERTIFICATE_WITHIN)
+        .await
+        .map_err(|e| Error::Config(format!("no workload certificate: {e}")))?;
+    Ok((tls, source))
 }
 
 /// Loads `--tls-dir` and checks that the certificate is this pod's.
@@ -150,11 +196,18 @@ impl Sidecar {
     /// Validates `config` and binds every listener.
     pub async fn bind(config: Config) -> Result<Self, Error> {
         config.validate()?;
-        let tls = match &config.tls_dir {
-            Some(dir) => Some(load_tls(dir, &config)?),
-            None => {
+        let tls = match (&config.tls_dir, &config.identity_url) {
+            (Some(dir), _) => {
+                let (tls, reloader) = load_tls(dir, &config)?;
+                Some((tls, Renewal::Files(reloader)))
+            }
+            (None, Some(url)) => {
+                let (tls, source) = certify(&config, url).await?;
+                Some((tls, Renewal::Operator(source)))
+            }
+            (None, None) => {
                 tracing::warn!(
-                    "the peer port is plaintext (no --tls-dir): peers are neither authenticated nor authorized"
+                    "the peer port is plaintext (no --tls-dir, no --identity-url): peers are neither authenticated nor authorized"
                 );
                 None
             }
@@ -312,23 +365,29 @@ impl Sidecar {
             .max_encoding_message_size(PEER_MAX_MESSAGE);
         let router = grpc_server().add_service(peer_svc);
         let server = match self.tls {
-            Some((tls, reloader)) => {
+            Some((tls, renewal)) => {
                 let incoming = crate::peer::tls::incoming(
                     peer,
                     &tls,
                     engine.metrics.peer_refused.clone(),
                     stop.clone(),
                 )
-                .map_err(|e| Error::Config(format!("--tls-dir: {e}")))?;
-                tasks.push((
-                    "peer TLS reload",
-                    tokio::spawn(reload_tls(
+                .map_err(|e| Error::Config(format!("peer TLS: {e}")))?;
+                let renew = match renewal {
+                    Renewal::Files(reloader) => tokio::spawn(reload_tls(
                         reloader,
                         tls,
                         engine.metrics.tls_reload_failed.clone(),
                         stop.clone(),
                     )),
-                ));
+                    Renewal::Operator(source) => tokio::spawn(source.renew(
+                        tls,
+                        engine.metrics.certificate_renewals.clone(),
+                        engine.metrics.tls_reload_failed.clone(),
+                        stop.clone(),
+                    )),
+                };
+                tasks.push(("peer TLS renewal", renew));
                 spawn_server(
                     "peer gRPC",
                     router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),

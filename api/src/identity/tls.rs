@@ -443,6 +443,23 @@ impl PeerTls {
     }
 }
 
+/// The server side of the operator's identity service: it proves `credentials` (the
+/// operator's own identity) and asks no client certificate, since a sidecar that comes to
+/// be certified has none yet; the caller is authenticated by its token instead.
+pub fn identity_server_config(
+    credentials: Arc<Credentials>,
+) -> Result<Arc<ServerConfig>, IdentityError> {
+    let mut config = ServerConfig::builder_with_provider(credentials.provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError::BadBundle {
+            reason: e.to_string(),
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(credentials);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A client that verifies servers as a peer does but has no certificate to present: what a
 /// workload without an identity can do, which tests use to show that it gets nothing.
 pub fn anonymous_client_config(

@@ -90,11 +90,17 @@ impl Certifier {
         }
     }
 
-    fn ca(&self) -> Arc<Ca> {
+    /// The CA it signs with.
+    pub fn ca(&self) -> Arc<Ca> {
         self.ca
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The CA certificates a sidecar must trust, PEM.
+    pub fn bundle_pem(&self) -> String {
+        self.ca().cert_pem().to_owned()
     }
 
     /// Verifies `token` and signs `csr_pem` for the pod it is bound to.
@@ -110,7 +116,7 @@ impl Certifier {
         Ok(Certified {
             identity,
             chain_pem,
-            bundle_pem: ca.cert_pem().to_owned(),
+            bundle_pem: self.bundle_pem(),
             not_after: (now + self.ttl).min(ca.not_after()),
         })
     }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 
 /// Variables the webhook sets itself from the pod (downward API) or from the ports; the
 /// file may not override them.
-const RESERVED_ENV: [&str; 8] = [
+const RESERVED_ENV: [&str; 12] = [
     "FERRY_POD_NAME",
     "FERRY_NAMESPACE",
     "FERRY_NODE",
@@ -29,6 +29,10 @@ const RESERVED_ENV: [&str; 8] = [
     "FERRY_ADVERTISE_ADDR",
     "FERRY_DATA_DIR",
     "FERRY_ETCD_ENDPOINTS",
+    "FERRY_IDENTITY_URL",
+    "FERRY_IDENTITY_SERVER",
+    "FERRY_IDENTITY_TRUST_ANCHORS",
+    "FERRY_IDENTITY_TOKEN_FILE",
 ];
 
 /// `sidecar.yaml`, as the chart writes it.
@@ -140,6 +144,7 @@ fn from_file(config: &Config, file: SidecarFile) -> Result<Injection> {
         etcd_endpoints,
         resources: file.resources,
         env,
+        identity: None,
     })
 }
 

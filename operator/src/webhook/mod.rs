@@ -24,7 +24,10 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use ferry_api::consts::INJECT_ANNOTATION;
+use ferry_api::consts::{
+    IDENTITY_AUDIENCE, IDENTITY_TOKEN_DIR, IDENTITY_TOKEN_FILE, IDENTITY_TOKEN_PATH,
+    INJECT_ANNOTATION,
+};
 use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
@@ -32,6 +35,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::desired::members::{SIDECAR_CONTAINER, carries_sidecar};
+use crate::identity::service::Published;
 
 /// Path the webhook answers on.
 pub const MUTATE_PATH: &str = "/mutate-pods";
@@ -61,6 +65,33 @@ pub struct Injection {
     pub resources: Option<ResourceRequirements>,
     /// More `FERRY_*` settings of the sidecar.
     pub env: BTreeMap<String, String>,
+    /// The identity service the sidecar asks for its certificate, when the operator runs
+    /// one: the sidecar gets its URL, the identity it must prove, the trust bundle, and a
+    /// projected service-account token for [`IDENTITY_AUDIENCE`] bound to the pod.
+    pub identity: Option<Published>,
+}
+
+/// Name of the projected token volume.
+pub const IDENTITY_VOLUME: &str = "ferry-identity-token";
+/// Lifetime the kubelet gives the projected token (it refreshes it at 80 %).
+const IDENTITY_TOKEN_SECONDS: i64 = 3600;
+
+/// The env entries, volume and mount that give the sidecar its identity.
+fn identity_parts(published: &Published) -> (Vec<Value>, Value, Value) {
+    let env = |name: &str, value: &str| json!({"name": name, "value": value});
+    let env = vec![
+        env("FERRY_IDENTITY_URL", &published.url),
+        env("FERRY_IDENTITY_SERVER", &published.server.to_string()),
+        env("FERRY_IDENTITY_TRUST_ANCHORS", &published.trust_bundle_pem),
+        env("FERRY_IDENTITY_TOKEN_FILE", IDENTITY_TOKEN_PATH),
+    ];
+    let volume = json!({"name": IDENTITY_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+        "audience": IDENTITY_AUDIENCE,
+        "expirationSeconds": IDENTITY_TOKEN_SECONDS,
+        "path": IDENTITY_TOKEN_FILE,
+    }}]}});
+    let mount = json!({"name": IDENTITY_VOLUME, "mountPath": IDENTITY_TOKEN_DIR, "readOnly": true});
+    (env, volume, mount)
 }
 
 /// The JSON patch that injects the sidecar; `Ok(None)` when the pod did not ask for it or
@@ -109,6 +140,14 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String>
         ),
     ];
     env_list.extend(settings.iter().map(|(k, v)| env(k, json!({ "value": v }))));
+    let identity = injection.identity.as_ref().map(identity_parts);
+    let mut mounts = vec![json!({"name": data_volume_name(&overrides), "mountPath": DATA_DIR})];
+    let mut new_volumes = Vec::new();
+    if let Some((identity_env, volume, mount)) = identity {
+        env_list.extend(identity_env);
+        mounts.push(mount);
+        new_volumes.push(volume);
+    }
     let mut resources = injection.resources.clone().unwrap_or_default();
     if !overrides.requests.is_empty() {
         resources
@@ -122,10 +161,6 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String>
             .get_or_insert_with(Default::default)
             .extend(overrides.limits.clone());
     }
-    let data_volume = overrides
-        .data_volume
-        .clone()
-        .unwrap_or_else(|| DATA_VOLUME.to_owned());
     let mut container = json!({
         "name": SIDECAR_CONTAINER,
         "image": injection.image,
@@ -135,7 +170,7 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String>
             {"name": ADMIN_PORT_NAME, "containerPort": injection.admin_port, "protocol": "TCP"},
         ],
         "env": env_list,
-        "volumeMounts": [{"name": data_volume, "mountPath": DATA_DIR}],
+        "volumeMounts": mounts,
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": ADMIN_PORT_NAME}, "periodSeconds": 2},
     });
     if let Some(obj) = container.as_object_mut() {
@@ -157,16 +192,30 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String>
     if let Some(limit) = &overrides.data_size_limit {
         empty_dir = json!({ "sizeLimit": limit });
     }
-    let volume = json!({"name": DATA_VOLUME, "emptyDir": empty_dir});
-    match &spec.volumes {
-        _ if overrides.data_volume.is_some() => {}
-        Some(volumes) if volumes.iter().any(|v| v.name == DATA_VOLUME) => {}
-        Some(volumes) if !volumes.is_empty() => {
+    let has = |name: &str| spec.volumes.iter().flatten().any(|v| v.name == name);
+    if overrides.data_volume.is_none() && !has(DATA_VOLUME) {
+        new_volumes.insert(0, json!({"name": DATA_VOLUME, "emptyDir": empty_dir}));
+    }
+    if has(IDENTITY_VOLUME) {
+        return Err(format!(
+            "the pod already has a volume named {IDENTITY_VOLUME:?}, which the sidecar's identity token needs"
+        ));
+    }
+    if spec.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+        for volume in new_volumes {
             ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
         }
-        _ => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+    } else if !new_volumes.is_empty() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": new_volumes}));
     }
     Ok(Some(Value::Array(ops)))
+}
+
+fn data_volume_name(overrides: &overrides::Overrides) -> String {
+    overrides
+        .data_volume
+        .clone()
+        .unwrap_or_else(|| DATA_VOLUME.to_owned())
 }
 
 /// The webhook's routes.
@@ -244,6 +293,7 @@ mod tests {
             etcd_endpoints: vec!["http://etcd:2379".into()],
             resources: None,
             env: BTreeMap::new(),
+            identity: None,
         }
     }
 
@@ -334,6 +384,67 @@ mod tests {
             .insert("ferry.dev/sidecar-cpu-request".into(), "a lot".into());
         let error = inject(&bad, &defaults).unwrap_err();
         assert!(error.contains("ferry.dev/sidecar-cpu-request"), "{error}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_identity_service_comes_with_a_pod_bound_token() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let mut with_identity = injection();
+        with_identity.identity = Some(Published {
+            url: "https://ferry-identity.ferry-system.svc:8444".into(),
+            server: "spiffe://ferry.local/ns/ferry-system/sa/ferry-operator".parse()?,
+            trust_bundle_pem: "PEM".into(),
+        });
+        let asking = pod(json!({
+            "metadata": {"name": "a", "annotations": {"ferry.dev/inject": "true"}},
+            "spec": {"containers": [{"name": "app"}]}
+        }))?;
+        let injected = injected(&asking, &with_identity)?;
+        let spec = injected.spec.ok_or("no spec")?;
+        let sidecar = &spec.init_containers.ok_or("no init containers")?[0];
+        let env = sidecar.env.clone().unwrap_or_default();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            value("FERRY_IDENTITY_URL").as_deref(),
+            Some("https://ferry-identity.ferry-system.svc:8444")
+        );
+        assert_eq!(
+            value("FERRY_IDENTITY_TRUST_ANCHORS").as_deref(),
+            Some("PEM")
+        );
+        assert_eq!(
+            value("FERRY_IDENTITY_TOKEN_FILE").as_deref(),
+            Some(IDENTITY_TOKEN_PATH)
+        );
+        let volumes = spec.volumes.ok_or("no volumes")?;
+        let token = volumes
+            .iter()
+            .find(|v| v.name == IDENTITY_VOLUME)
+            .and_then(|v| v.projected.clone())
+            .ok_or("no projected token volume")?;
+        let source = token.sources.unwrap_or_default()[0]
+            .service_account_token
+            .clone()
+            .ok_or("no serviceAccountToken source")?;
+        assert_eq!(source.audience.as_deref(), Some(IDENTITY_AUDIENCE));
+        let mounts = sidecar.volume_mounts.clone().unwrap_or_default();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.name == IDENTITY_VOLUME && m.mount_path == IDENTITY_TOKEN_DIR)
+        );
+
+        let mut clash = asking.clone();
+        clash.spec.get_or_insert_default().volumes = Some(vec![serde_json::from_value(
+            json!({"name": IDENTITY_VOLUME, "emptyDir": {}}),
+        )?]);
+        let error = inject(&clash, &with_identity).unwrap_err();
+        assert!(error.contains(IDENTITY_VOLUME), "{error}");
         Ok(())
     }
 }

@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::support::{World, pod};
 
-async fn token(world: &World, sa: &str, audience: &str, pod: Option<&Pod>) -> Result<String> {
+pub async fn token(world: &World, sa: &str, audience: &str, pod: Option<&Pod>) -> Result<String> {
     let bound = pod.map(|p| BoundObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Pod".into()),
@@ -45,7 +45,7 @@ async fn token(world: &World, sa: &str, audience: &str, pod: Option<&Pod>) -> Re
         .ok_or_else(|| anyhow!("the token request returned no token"))
 }
 
-async fn create_pod(world: &World, name: &str, sa: &str, injected: bool) -> Result<Pod> {
+pub async fn create_pod(world: &World, name: &str, sa: &str, injected: bool) -> Result<Pod> {
     let mut spec = pod(name, "orders", "node-a", "native");
     spec["spec"]["serviceAccountName"] = json!(sa);
     if injected {

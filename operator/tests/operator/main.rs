@@ -7,6 +7,8 @@
 //! - `leadership`: restart idempotency, fencing of a stale leader;
 //! - `webhook`: sidecar injection through the real API server;
 //! - `identity`: workload certificates issued after a TokenReview of the pod's token;
+//! - `identity_service`: the same over `ferry.v1.Identity`, and a real sidecar that gets its
+//!   certificate from it and presents it to peers;
 //! - `examples`: every example under `examples/` turns Ready (`kubectl wait`);
 //! - `outages`: docs/reliability.md rows 15 and 17, etcd and API server paused (SIGSTOP);
 //! - `zombie`: row 18, a `ferry-operator` process frozen past its lease and resumed;
@@ -15,6 +17,7 @@
 mod examples;
 mod faults;
 mod identity;
+mod identity_service;
 mod leadership;
 mod membership;
 mod outages;
