@@ -106,6 +106,10 @@ chart's etcd (stable per-pod names through the headless Service). */}}
 {{- end }}
 {{- end }}
 
+{{- define "ferry.identity.service" -}}
+{{- printf "%s-identity" (include "ferry.fullname" .) }}
+{{- end }}
+
 {{- define "ferry.webhook.service" -}}
 {{- printf "%s-webhook" (include "ferry.fullname" .) }}
 {{- end }}

@@ -145,7 +145,10 @@ pub fn check_rendered(objects: &[Value], operators: u64, etcd_members: u64) -> R
         .flatten()
         .filter_map(|p| p["containerPort"].as_u64())
         .collect();
-    ensure!(ports == [8080, 8443].into(), "operator ports: {ports:?}");
+    ensure!(
+        ports == [8080, 8443, 8444].into(),
+        "operator ports (metrics, webhook, identity): {ports:?}"
+    );
     ensure!(container["securityContext"]["readOnlyRootFilesystem"] == true);
     ensure!(container["securityContext"]["allowPrivilegeEscalation"] == false);
     ensure!(pod["securityContext"]["runAsNonRoot"] == true);
@@ -259,14 +262,41 @@ pub fn check_rendered(objects: &[Value], operators: u64, etcd_members: u64) -> R
         !resources.contains("*") && !resources.contains("secrets"),
         "ClusterRole resources: {resources:?}"
     );
-    let lease_role = one(objects, "Role")?;
     ensure!(
-        lease_role["rules"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|r| strings(&r["resources"]) == ["leases".to_owned()].into()),
-        "the namespaced Role is for leases only"
+        resources.contains("tokenreviews"),
+        "the identity service needs TokenReviews: {resources:?}"
+    );
+    // Namespaced Roles: the Lease, and the identity CA's one Secret (get by name only).
+    for role in objects.iter().filter(|o| kind_of(o) == "Role") {
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            let resources = strings(&rule["resources"]);
+            let verbs = strings(&rule["verbs"]);
+            let ok = resources == ["leases".to_owned()].into()
+                || (resources == ["secrets".to_owned()].into()
+                    && (verbs == ["create".to_owned()].into()
+                        || (verbs == ["get".to_owned()].into()
+                            && strings(&rule["resourceNames"])
+                                == ["ferry-identity-ca".to_owned()].into())));
+            ensure!(
+                ok,
+                "Role {} grants more than it needs: {rule}",
+                name_of(role)
+            );
+        }
+    }
+
+    // The identity service: its Service, and the operator told where sidecars reach it.
+    ensure!(
+        objects.iter().any(|o| kind_of(o) == "Service"
+            && name_of(o).ends_with("-identity")
+            && o["spec"]["ports"][0]["port"] == 8444),
+        "no identity Service on 8444"
+    );
+    let rendered = serde_json::to_string(objects)?;
+    ensure!(
+        rendered.contains("FERRY_IDENTITY_URL")
+            && rendered.contains("-identity.ferry-system.svc:8444"),
+        "the operator is not told the identity service's URL"
     );
     Ok(())
 }
