@@ -66,6 +66,7 @@ pub struct Certified {
 pub struct Certifier {
     client: kube::Client,
     ca: Arc<RwLock<Arc<Ca>>>,
+    bundle: Arc<RwLock<String>>,
     trust_domain: String,
     ttl: Duration,
 }
@@ -80,11 +81,14 @@ impl std::fmt::Debug for Certifier {
 }
 
 impl Certifier {
-    /// A certifier signing with `ca` for `trust_domain`, certificates valid for `ttl`.
+    /// A certifier signing with `ca` for `trust_domain`, certificates valid for `ttl`; the
+    /// trust bundle it hands out is the CA alone until [`Certifier::rotate`].
     pub fn new(client: kube::Client, ca: Ca, trust_domain: &str, ttl: Duration) -> Self {
+        let bundle = ca.cert_pem().to_owned();
         Self {
             client,
             ca: Arc::new(RwLock::new(Arc::new(ca))),
+            bundle: Arc::new(RwLock::new(bundle)),
             trust_domain: trust_domain.to_owned(),
             ttl,
         }
@@ -100,7 +104,29 @@ impl Certifier {
 
     /// The CA certificates a sidecar must trust, PEM.
     pub fn bundle_pem(&self) -> String {
-        self.ca().cert_pem().to_owned()
+        self.bundle
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Hands out `bundle_pem` (which must hold the CA) instead of the CA alone.
+    #[must_use]
+    pub fn with_bundle(self, bundle_pem: String) -> Self {
+        *self.bundle.write().unwrap_or_else(PoisonError::into_inner) = bundle_pem;
+        self
+    }
+
+    /// The shared trust bundle, which [`Certifier::rotate`] updates.
+    pub fn bundle_handle(&self) -> Arc<RwLock<String>> {
+        self.bundle.clone()
+    }
+
+    /// Signs with `ca` from now on and hands out `bundle_pem` (which holds it, and the
+    /// previous CA during a rotation's overlap window).
+    pub fn rotate(&self, ca: Ca, bundle_pem: String) {
+        *self.ca.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ca);
+        *self.bundle.write().unwrap_or_else(PoisonError::into_inner) = bundle_pem;
     }
 
     /// Verifies `token` and signs `csr_pem` for the pod it is bound to.

@@ -12,5 +12,5 @@ pub mod ca_secret;
 pub mod certify;
 pub mod service;
 
-pub use ca_secret::{CaSecretError, load_or_create};
+pub use ca_secret::{CaMaterial, CaSecretError, load_or_create};
 pub use certify::{Certified, Certifier, CertifyError};

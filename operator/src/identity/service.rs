@@ -10,7 +10,7 @@
 //! API server's TokenReviews through us.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use ferry_api::identity::SpiffeId;
@@ -34,6 +34,8 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Calls handled at once.
 const CONCURRENCY: usize = 64;
+/// How often the CA Secret is re-read (a rotation).
+const CA_POLL: Duration = Duration::from_secs(30);
 /// How long the mesh's CA is valid when the operator makes it.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -44,8 +46,19 @@ pub struct Published {
     pub url: String,
     /// The identity the service proves.
     pub server: SpiffeId,
-    /// The CA certificates to trust, PEM.
-    pub trust_bundle_pem: String,
+    /// The CA certificates to trust, PEM (shared with the certifier: a CA rotation
+    /// reaches the pods injected after it).
+    pub trust_bundle: Arc<RwLock<String>>,
+}
+
+impl Published {
+    /// The trust bundle now.
+    pub fn trust_bundle_pem(&self) -> String {
+        self.trust_bundle
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// The running service.
@@ -137,7 +150,13 @@ pub async fn start(
     )
     .await
     .map_err(|e| Error::Config(format!("the identity CA: {e}")))?;
-    let certifier = Certifier::new(client, ca, &flags.trust_domain, flags.workload_cert_ttl);
+    let certifier = Certifier::new(
+        client.clone(),
+        ca.ca,
+        &flags.trust_domain,
+        flags.workload_cert_ttl,
+    )
+    .with_bundle(ca.bundle_pem);
     let server = SpiffeId::new(
         &flags.trust_domain,
         &config.lease_namespace,
@@ -158,7 +177,7 @@ pub async fn start(
     let published = Published {
         url,
         server: server.clone(),
-        trust_bundle_pem: certifier.bundle_pem(),
+        trust_bundle: certifier.bundle_handle(),
     };
     let grpc = IdentityServer::new(Service {
         certifier: certifier.clone(),
@@ -177,8 +196,18 @@ pub async fn start(
         );
     info!(addr = %bound, identity = %server, "serving the identity service");
     tokio::spawn(renew_own(
+        certifier.clone(),
+        server.clone(),
+        credentials.clone(),
+        ttl,
+        shutdown.clone(),
+    ));
+    tokio::spawn(follow_ca(
+        client,
+        config.lease_namespace.clone(),
+        flags.ca_secret.clone(),
         certifier,
-        server,
+        server.clone(),
         credentials,
         ttl,
         shutdown.clone(),
@@ -216,6 +245,56 @@ async fn renew_own(
             Ok(()) => info!(identity = %id, "renewed the identity service's certificate"),
             Err(error) => {
                 warn!(%error, "renewing the identity service's certificate failed; the current one stays until the next try")
+            }
+        }
+    }
+}
+
+/// Re-reads the CA Secret every [`CA_POLL`]; a new CA or bundle is signed with and handed
+/// out from then on, and the service's own certificate is reissued by the new CA.
+#[allow(clippy::too_many_arguments)]
+async fn follow_ca(
+    client: kube::Client,
+    namespace: String,
+    secret: String,
+    certifier: Certifier,
+    id: SpiffeId,
+    credentials: Arc<Credentials>,
+    ttl: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(CA_POLL) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let material = match super::ca_secret::read(client.clone(), &namespace, &secret).await {
+            Ok(Some(material)) => material,
+            Ok(None) => {
+                warn!(secret = %format!("{namespace}/{secret}"), "the CA Secret is gone; signing with the CA loaded before");
+                continue;
+            }
+            Err(error) => {
+                warn!(%error, "re-reading the CA Secret failed; signing with the CA loaded before");
+                continue;
+            }
+        };
+        if material.ca.cert_pem() == certifier.ca().cert_pem()
+            && material.bundle_pem == certifier.bundle_pem()
+        {
+            continue;
+        }
+        certifier.rotate(material.ca, material.bundle_pem);
+        let reissued = certifier
+            .ca()
+            .issue_with_key(&id, SystemTime::now(), ttl)
+            .and_then(|issued| credentials.replace(&issued.cert_pem, &issued.key_pem));
+        match reissued {
+            Ok(()) => {
+                info!(secret = %format!("{namespace}/{secret}"), "the CA or its trust bundle changed: signing with it from now on")
+            }
+            Err(error) => {
+                warn!(%error, "the identity service's certificate from the new CA failed")
             }
         }
     }

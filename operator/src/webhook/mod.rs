@@ -82,7 +82,10 @@ fn identity_parts(published: &Published) -> (Vec<Value>, Value, Value) {
     let env = vec![
         env("FERRY_IDENTITY_URL", &published.url),
         env("FERRY_IDENTITY_SERVER", &published.server.to_string()),
-        env("FERRY_IDENTITY_TRUST_ANCHORS", &published.trust_bundle_pem),
+        env(
+            "FERRY_IDENTITY_TRUST_ANCHORS",
+            &published.trust_bundle_pem(),
+        ),
         env("FERRY_IDENTITY_TOKEN_FILE", IDENTITY_TOKEN_PATH),
     ];
     let volume = json!({"name": IDENTITY_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
@@ -394,7 +397,7 @@ mod tests {
         with_identity.identity = Some(Published {
             url: "https://ferry-identity.ferry-system.svc:8444".into(),
             server: "spiffe://ferry.local/ns/ferry-system/sa/ferry-operator".parse()?,
-            trust_bundle_pem: "PEM".into(),
+            trust_bundle: Arc::new(std::sync::RwLock::new("PEM".into())),
         });
         let asking = pod(json!({
             "metadata": {"name": "a", "annotations": {"ferry.dev/inject": "true"}},

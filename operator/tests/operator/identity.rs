@@ -145,7 +145,7 @@ async fn the_ca_is_made_once_and_shared() -> Result<()> {
             year
         ),
     );
-    let (a, b) = (a?, b?);
+    let (a, b) = (a?.ca, b?.ca);
     assert_eq!(a.cert_pem(), b.cert_pem(), "two CAs were made");
     let again = load_or_create(
         world.client.clone(),
@@ -154,7 +154,8 @@ async fn the_ca_is_made_once_and_shared() -> Result<()> {
         "cluster.local",
         year,
     )
-    .await?;
+    .await?
+    .ca;
     assert_eq!(again.cert_pem(), a.cert_pem(), "a restart made a new CA");
 
     // A Secret that holds no CA (a leaf, as a mistaken cert-manager Certificate would):

@@ -16,8 +16,8 @@ use ferry_api::identity::tls::{
     Credentials, Expect, PeerTls, TrustBundle, anonymous_client_config, provider,
 };
 use ferry_api::identity::{SpiffeId, spiffe_id_of};
-use ferry_api::proto::v1::CertifyRequest;
 use ferry_api::proto::v1::identity_client::IdentityClient;
+use ferry_api::proto::v1::{CertifyRequest, CertifyResponse};
 use ferry_kind_tests::binaries::binaries;
 use ferry_kind_tests::http::http_get;
 use ferry_kind_tests::wait_for_value;
@@ -52,7 +52,7 @@ async fn certify(
     anchors: &str,
     server: &SpiffeId,
     token: String,
-) -> std::result::Result<String, tonic::Status> {
+) -> std::result::Result<CertifyResponse, tonic::Status> {
     let bundle = Arc::new(TrustBundle::from_pem(anchors, provider()).map_err(internal)?);
     let config =
         anonymous_client_config(bundle, Expect::Exactly(server.clone())).map_err(internal)?;
@@ -66,7 +66,7 @@ async fn certify(
         .certify(CertifyRequest { token, csr_pem })
         .await?
         .into_inner();
-    Ok(answer.certificate_pem)
+    Ok(answer)
 }
 
 fn internal(e: impl std::fmt::Display) -> tonic::Status {
@@ -102,7 +102,8 @@ async fn sidecars_get_their_pods_identity_from_the_operator() -> Result<()> {
     let good = token(&world, "orders", IDENTITY_AUDIENCE, Some(&injected)).await?;
     let chain = certify(addr, &anchors, &server, good.clone())
         .await
-        .map_err(|s| anyhow!("certify: {s}"))?;
+        .map_err(|s| anyhow!("certify: {s}"))?
+        .certificate_pem;
     let id = spiffe_id_of(&certs_from_pem(&chain, "leaf")?[0])?;
     let want = format!("spiffe://cluster.local/ns/{}/sa/orders", world.ns);
     println!("identity service: issued {id}");
@@ -220,5 +221,39 @@ async fn sidecars_get_their_pods_identity_from_the_operator() -> Result<()> {
     );
     sidecar.start_kill()?;
     sidecar.wait().await?;
+
+    // CA rotation: a new CA signs, the bundle holds the old and the new root.
+    let new_ca = Ca::generate(
+        "cluster.local",
+        SystemTime::now(),
+        Duration::from_secs(86_400),
+    )?;
+    let bundle = format!("{}{}", ca.cert_pem(), new_ca.cert_pem());
+    let rotated = json!({"stringData": {
+        "tls.crt": new_ca.cert_pem(), "tls.key": new_ca.key_pem(), "ca.crt": bundle,
+    }});
+    world
+        .api::<Secret>()
+        .patch(
+            "ferry-identity-ca",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&rotated),
+        )
+        .await?;
+    // Once the operator has followed, the service proves itself with the new CA alone, and
+    // hands out both roots with the certificates it signs.
+    let answer = wait_for_value(Duration::from_secs(90), || async {
+        Ok(certify(addr, new_ca.cert_pem(), &server, good.clone())
+            .await
+            .ok())
+    })
+    .await
+    .context("the identity service follows the rotated CA")?;
+    let roots = certs_from_pem(&answer.trust_bundle_pem, "bundle")?;
+    println!(
+        "identity service: after the rotation the bundle holds {} roots",
+        roots.len()
+    );
+    assert_eq!(roots.len(), 2, "old and new root during the overlap");
     operator.stop().await
 }
