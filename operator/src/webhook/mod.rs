@@ -191,6 +191,16 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String>
         }
         _ => ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]})),
     }
+    // A projected token needs a service account: the API server's ServiceAccount admission
+    // names `default` before webhooks run, but where it is off the pod would be refused.
+    if injection.identity.is_some()
+        && spec
+            .service_account_name
+            .as_deref()
+            .is_none_or(str::is_empty)
+    {
+        ops.push(json!({"op": "add", "path": "/spec/serviceAccountName", "value": "default"}));
+    }
     let mut empty_dir = json!({});
     if let Some(limit) = &overrides.data_size_limit {
         empty_dir = json!({ "sizeLimit": limit });
@@ -405,6 +415,7 @@ mod tests {
         }))?;
         let injected = injected(&asking, &with_identity)?;
         let spec = injected.spec.ok_or("no spec")?;
+        assert_eq!(spec.service_account_name.as_deref(), Some("default"));
         let sidecar = &spec.init_containers.ok_or("no init containers")?[0];
         let env = sidecar.env.clone().unwrap_or_default();
         let value = |name: &str| {
