@@ -4,6 +4,7 @@
 //!
 //! - `resources`: CRs → etcd keys and Ready statuses, missing references, finalizers;
 //! - `membership`: pods and nodes → members, within the design's 2 s;
+//! - `pod_records`: a record per sidecar pod with its node's zone, for its sidecar;
 //! - `leadership`: restart idempotency, fencing of a stale leader;
 //! - `webhook`: sidecar injection through the real API server;
 //! - `identity`: workload certificates issued after a TokenReview of the pod's token;
@@ -21,6 +22,7 @@ mod identity_service;
 mod leadership;
 mod membership;
 mod outages;
+mod pod_records;
 mod resources;
 mod support;
 mod webhook;

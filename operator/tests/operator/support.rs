@@ -126,7 +126,7 @@ impl World {
     /// The routing-table keys of this namespace (every kind), with their values.
     pub async fn table(&self) -> Result<BTreeMap<String, String>> {
         let mut kv = BTreeMap::new();
-        for kind in ["topics", "groups", "subscriptions", "members"] {
+        for kind in ["topics", "groups", "subscriptions", "members", "pods"] {
             let prefix = format!("/ferry/v1/{kind}/{}/", self.ns);
             kv.extend(self.etcd.get_prefix(&prefix).await?.kvs);
         }
@@ -138,7 +138,7 @@ impl World {
     pub async fn table_revision(&self) -> Result<(i64, usize)> {
         let mut max = 0;
         let mut count = 0;
-        for kind in ["topics", "groups", "subscriptions", "members"] {
+        for kind in ["topics", "groups", "subscriptions", "members", "pods"] {
             let prefix = format!("/ferry/v1/{kind}/{}/", self.ns);
             let snapshot = self.etcd.get_prefix(&prefix).await?;
             max = max.max(snapshot.max_mod_revision);
