@@ -12,6 +12,14 @@
 //! | `groups/<namespace>/<name>` | [`GroupEntry`] |
 //! | `subscriptions/<namespace>/<name>` | [`SubscriptionEntry`] |
 //! | `members/<namespace>/<group>/<pod>` | [`MemberEntry`] |
+//! | `pods/<namespace>/<pod>` | [`PodEntry`] |
+//!
+//! A **pod record** (`pods/...`) exists for every pod that carries the sidecar once it is
+//! scheduled (its `spec.nodeName` is set), whether or not it is in a group (a producer
+//! only has one too), and until the pod object is gone (a terminating pod keeps it while
+//! its sidecar drains). It is how a sidecar learns its own zone and node in a cluster: the
+//! operator reads the node's `topology.kubernetes.io/zone` label, which no container can
+//! see, and a sidecar watches only its own record (see [`RoutingTable::pods`]).
 //!
 //! Values hold resolved settings (durations in milliseconds, sizes in bytes, the topic of a
 //! subscription as `namespace/name`), computed once by [`TopicEntry::from_topic`] and its
@@ -123,6 +131,28 @@ pub struct MemberEntry {
     pub ready: bool,
 }
 
+/// Where a pod that carries the sidecar runs: what its sidecar cannot see from inside its
+/// container and learns from this record (its zone above all, which decides same-zone
+/// delivery).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodEntry {
+    pub schema_version: u32,
+    pub namespace: String,
+    pub pod: String,
+    /// The pod's `metadata.uid`: tells a recreated pod of the same name from the old one.
+    pub uid: String,
+    /// `spec.nodeName`.
+    pub node: String,
+    /// The `topology.kubernetes.io/zone` label of the node; empty when it has none.
+    pub zone: String,
+    /// `status.podIP`; empty until the kubelet reports it.
+    #[serde(rename = "podIP")]
+    pub pod_ip: String,
+    /// `spec.serviceAccountName` (`default` when unset).
+    pub service_account: String,
+}
+
 /// The whole table, as a sidecar holds it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -135,6 +165,10 @@ pub struct RoutingTable {
     pub subscriptions: BTreeMap<ObjectRef, SubscriptionEntry>,
     /// Members by `namespace/group`, then by pod name.
     pub members: BTreeMap<ObjectRef, BTreeMap<String, MemberEntry>>,
+    /// Pod records by `namespace/pod`. The operator writes one per sidecar pod; a sidecar's
+    /// table holds its own only (its etcd source skips the others), a local table none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pods: BTreeMap<ObjectRef, PodEntry>,
 }
 
 impl RoutingTable {
@@ -182,6 +216,9 @@ impl RoutingTable {
                     serde_json::to_string(m),
                 );
             }
+        }
+        for (k, v) in &self.pods {
+            put(pod_key_of(k), serde_json::to_string(v));
         }
         kv
     }
@@ -257,6 +294,14 @@ impl RoutingTable {
                     }
                 }
             }
+            "pods" => match value {
+                Some(v) => {
+                    self.pods.insert(path.into(), decode(key, v)?);
+                }
+                None => {
+                    self.pods.remove(path);
+                }
+            },
             _ => return Err(TableError::UnknownKey(key.into())),
         }
         Ok(())
@@ -282,7 +327,13 @@ trait HasSchemaVersion {
 macro_rules! has_schema_version {
     ($($t:ty),*) => { $(impl HasSchemaVersion for $t { fn schema_version(&self) -> u32 { self.schema_version } })* };
 }
-has_schema_version!(TopicEntry, GroupEntry, SubscriptionEntry, MemberEntry);
+has_schema_version!(
+    TopicEntry,
+    GroupEntry,
+    SubscriptionEntry,
+    MemberEntry,
+    PodEntry
+);
 
 /// Key of a topic entry.
 pub fn topic_key(topic: &str) -> String {
@@ -299,6 +350,17 @@ pub fn subscription_key(subscription: &str) -> String {
 /// Key of a member entry.
 pub fn member_key(namespace: &str, group: &str, pod: &str) -> String {
     format!("{PREFIX}members/{namespace}/{group}/{pod}")
+}
+
+/// Prefix of every pod record.
+pub const PODS_PREFIX: &str = "/ferry/v1/pods/";
+/// Key of the record of pod `pod` of `namespace`.
+pub fn pod_key(namespace: &str, pod: &str) -> String {
+    format!("{PODS_PREFIX}{namespace}/{pod}")
+}
+/// Key of the record of pod `namespace/pod` (an [`ObjectRef`]).
+fn pod_key_of(pod: &str) -> String {
+    format!("{PODS_PREFIX}{pod}")
 }
 
 fn meta(obj: &impl kube::Resource) -> (String, String) {
@@ -427,3 +489,7 @@ impl SubscriptionEntry {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "routing_tests.rs"]
+mod tests;

@@ -10,6 +10,9 @@
 //!   so "the groups that match it now" is not enough), and Node label changes mapped to
 //!   every group (zones). The pod and node watches are reflectors whose caches the group
 //!   reconciler reads.
+//!
+//! Beside them runs the pod records' task ([`reconcile::pods`]), poked by the same pod
+//! events and node label changes.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -71,7 +75,7 @@ async fn log_result<K: Resource, QE: std::error::Error>(
     }
 }
 
-/// Runs the three controllers until `stop` is cancelled, then lets the reconciles in
+/// Runs the three controllers and the pod records' task until `stop` is cancelled, then lets the reconciles in
 /// flight finish (their writes are still fenced) and returns.
 pub async fn run(
     client: Client,
@@ -154,14 +158,26 @@ pub async fn run(
         pod.managed_fields_mut().clear();
         pod.annotations_mut().clear();
     });
+    // The caches are updated before an event comes out of its reflector, so a poked pod
+    // records' pass sees the change.
+    let poke = Arc::new(Notify::new());
     let pod_events = reflector::reflector(pod_writer, pods)
         .default_backoff()
+        .inspect({
+            let poke = poke.clone();
+            move |_| poke.notify_one()
+        })
         .touched_objects();
     let node_events =
         reflector::reflector(node_writer, watcher(Api::<Node>::all(client.clone()), wc))
             .default_backoff()
             .touched_objects()
-            .predicate_filter(predicates::labels, PredicateConfig::default());
+            .predicate_filter(predicates::labels, PredicateConfig::default())
+            .inspect({
+                let poke = poke.clone();
+                move |_| poke.notify_one()
+            });
+    let records = reconcile::pods::run(ctx.clone(), reconcile::pods::scope(ns), poke, stop.clone());
     let groups = groups
         .watches_stream(pod_events, move |pod: Pod| {
             let namespace = pod.namespace();
@@ -188,7 +204,7 @@ pub async fn run(
         .for_each(log_result);
 
     let controllers = async {
-        futures::join!(topics, subscriptions, groups);
+        futures::join!(topics, subscriptions, groups, records);
     };
     tokio::pin!(controllers);
     tokio::select! {

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 /// Labels of per-kind metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
-    /// `Topic`, `ConsumerGroup` or `Subscription`.
+    /// `Topic`, `ConsumerGroup`, `Subscription`, or `Pod` (a pass of the pod records).
     pub kind: String,
 }
 

@@ -4,10 +4,12 @@
 //! what a write must change) is unit-tested without a cluster:
 //! - [`entries`]: a Topic, ConsumerGroup or Subscription → its key and JSON value;
 //! - [`members`]: pods and nodes → a group's member entries and status counts;
+//! - [`pods`]: pods and nodes → pod records (each sidecar's zone and node);
 //! - [`diff`]: desired key/values against actual ones → the puts and deletes.
 
 pub mod entries;
 pub mod members;
+pub mod pods;
 
 use std::collections::{BTreeMap, BTreeSet};
 

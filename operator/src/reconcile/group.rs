@@ -21,10 +21,10 @@ use kube::runtime::reflector::ObjectRef;
 use tracing::{info, instrument, warn};
 
 use super::status::{Ready, apply_status, ready_condition, routing_unavailable};
-use super::{CACHE_TIMEOUT, Context, RESYNC, finalizer_error, reconciled};
+use super::{Context, RESYNC, caches_ready, finalizer_error, reconciled};
 use crate::desired::entries::{group_entry_key, group_kv, members_prefix, namespaced_ref};
 use crate::desired::members::{membership, node_zone};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 const KIND: &str = "ConsumerGroup";
 
@@ -45,26 +45,6 @@ pub async fn reconcile(group: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<A
     .map_err(finalizer_error)?;
     reconciled(object.as_ref(), &ctx);
     Ok(action)
-}
-
-/// Waits for the first list of the pod and node caches: before it, an empty cache would
-/// look like "no members" and empty the table.
-async fn caches_ready(ctx: &Context) -> Result<()> {
-    let pods = tokio::time::timeout(CACHE_TIMEOUT, ctx.pods.wait_until_ready()).await;
-    if !matches!(pods, Ok(Ok(()))) {
-        return Err(Error::CacheNotReady {
-            what: "pod",
-            timeout: CACHE_TIMEOUT,
-        });
-    }
-    let nodes = tokio::time::timeout(CACHE_TIMEOUT, ctx.nodes.wait_until_ready()).await;
-    if !matches!(nodes, Ok(Ok(()))) {
-        return Err(Error::CacheNotReady {
-            what: "node",
-            timeout: CACHE_TIMEOUT,
-        });
-    }
-    Ok(())
 }
 
 async fn apply(api: &Api<ConsumerGroup>, group: &ConsumerGroup, ctx: &Context) -> Result<Action> {

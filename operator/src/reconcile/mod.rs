@@ -7,6 +7,7 @@
 //! Both steps compare before they write, so a converged resource costs reads only.
 
 pub mod group;
+pub mod pods;
 pub mod status;
 pub mod subscription;
 pub mod topic;
@@ -21,7 +22,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tracing::warn;
 
-use crate::desired::diff;
+use crate::desired::{Changes, diff};
 use crate::error::{Error, Result};
 use crate::etcd::FencedWriter;
 use crate::metrics::Metrics;
@@ -35,6 +36,26 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a reconcile waits for the pod and node caches' first list.
 pub const CACHE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits for the first list of the pod and node caches: before it, an empty cache would
+/// look like "no pods" and empty the table of members and pod records.
+pub(crate) async fn caches_ready(ctx: &Context) -> Result<()> {
+    let pods = tokio::time::timeout(CACHE_TIMEOUT, ctx.pods.wait_until_ready()).await;
+    if !matches!(pods, Ok(Ok(()))) {
+        return Err(Error::CacheNotReady {
+            what: "pod",
+            timeout: CACHE_TIMEOUT,
+        });
+    }
+    let nodes = tokio::time::timeout(CACHE_TIMEOUT, ctx.nodes.wait_until_ready()).await;
+    if !matches!(nodes, Ok(Ok(()))) {
+        return Err(Error::CacheNotReady {
+            what: "node",
+            timeout: CACHE_TIMEOUT,
+        });
+    }
+    Ok(())
+}
 
 /// What every reconcile gets.
 pub struct Context {
@@ -121,11 +142,16 @@ impl Context {
         if let Some(prefix) = prefix {
             actual.extend(store.get_prefix(prefix).await?.kvs);
         }
-        let changes = diff(desired, &actual);
+        self.apply(&diff(desired, &actual)).await
+    }
+
+    /// Writes `changes` (nothing at all when there are none), counting them in the metrics.
+    /// Returns the number of keys changed.
+    pub async fn apply(&self, changes: &Changes) -> Result<usize> {
         if changes.is_empty() {
             return Ok(0);
         }
-        match self.writer.apply(&changes).await {
+        match self.writer.apply(changes).await {
             Ok(n) => {
                 self.metrics
                     .etcd_changes

@@ -20,10 +20,9 @@ use crate::error::{Error, Result};
 
 /// Variables the webhook sets itself from the pod (downward API) or from the ports; the
 /// file may not override them.
-const RESERVED_ENV: [&str; 12] = [
+const RESERVED_ENV: [&str; 11] = [
     "FERRY_POD_NAME",
     "FERRY_NAMESPACE",
-    "FERRY_NODE",
     "FERRY_SERVICE_ACCOUNT",
     "FERRY_POD_IP",
     "FERRY_ADVERTISE_ADDR",
@@ -34,6 +33,10 @@ const RESERVED_ENV: [&str; 12] = [
     "FERRY_IDENTITY_TRUST_ANCHORS",
     "FERRY_IDENTITY_TOKEN_FILE",
 ];
+
+/// Local-mode settings that a cluster's sidecar ignores (it learns them from its pod
+/// record); one in the file would be a setting nobody keeps true, so it is refused.
+const LEARNED_ENV: [&str; 2] = ["FERRY_ZONE", "FERRY_NODE"];
 
 /// `sidecar.yaml`, as the chart writes it.
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +112,11 @@ fn from_file(config: &Config, file: SidecarFile) -> Result<Injection> {
         }
         if RESERVED_ENV.contains(&name.as_str()) {
             return Err(bad(format!("env.{name}: set by the webhook itself")));
+        }
+        if LEARNED_ENV.contains(&name.as_str()) {
+            return Err(bad(format!(
+                "env.{name}: in a cluster the sidecar learns its zone and node from its pod record in the routing table"
+            )));
         }
     }
     let image = file.image.unwrap_or_else(|| config.sidecar_image.clone());
@@ -211,6 +219,8 @@ env:
             ("ports: {peer: 7711}", "ports.peer 7711"),
             ("env: {RUST_LOG: debug}", "env.RUST_LOG"),
             ("env: {FERRY_POD_NAME: x}", "env.FERRY_POD_NAME"),
+            ("env: {FERRY_ZONE: zone-a}", "pod record"),
+            ("env: {FERRY_NODE: n1}", "env.FERRY_NODE"),
             ("image: \" \"", "image"),
         ] {
             let error = parse(text).unwrap_err().to_string();

@@ -126,10 +126,12 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String>
     if let Some(log) = &overrides.log {
         settings.insert("FERRY_LOG".into(), log.clone());
     }
+    // No zone or node: the sidecar learns both from its pod record, which the operator
+    // writes once the pod is scheduled (the zone is a label of the node, which the downward
+    // API cannot read). The name and namespace say which record is its own.
     let mut env_list = vec![
         env("FERRY_POD_NAME", field("metadata.name")),
         env("FERRY_NAMESPACE", field("metadata.namespace")),
-        env("FERRY_NODE", field("spec.nodeName")),
         env("FERRY_SERVICE_ACCOUNT", field("spec.serviceAccountName")),
         env("FERRY_POD_IP", field("status.podIP")),
         env(
@@ -389,6 +391,23 @@ mod tests {
             "pvc"
         );
         assert_eq!(spec.volumes.ok_or("volumes")?.len(), 1, "no emptyDir added");
+        let field = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value_from.as_ref())
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.clone())
+        };
+        assert_eq!(field("FERRY_POD_NAME").as_deref(), Some("metadata.name"));
+        assert_eq!(
+            field("FERRY_NAMESPACE").as_deref(),
+            Some("metadata.namespace")
+        );
+        assert!(
+            !env.iter()
+                .any(|e| e.name == "FERRY_ZONE" || e.name == "FERRY_NODE"),
+            "zone and node come from the pod record, not the environment: {env:?}"
+        );
 
         let mut bad = asking.clone();
         bad.metadata

@@ -198,6 +198,9 @@ async fn converge_three(world: &World, node_name: &str, ip: &str) -> Result<()> 
     topic_ready(world, "t", "True").await?;
     subscription_ready(world, "s", "True").await?;
     wait_members(world, "g", &["w1"], CONVERGE).await?;
+    world
+        .wait_key(&world.key("pods", "w1"), |v| v["podIP"] == ip)
+        .await?;
     wait_for_value(CONVERGE, || async {
         let g = world.api::<ConsumerGroup>().get("g").await?;
         Ok(g.status.is_some_and(|s| s.ready_members == 1).then_some(()))

@@ -234,10 +234,11 @@ impl Operator {
             .unwrap_or(0.0)
     }
 
-    /// Waits until this operator has completed at least one reconcile of every kind.
+    /// Waits until this operator has completed at least one reconcile of every kind (and a
+    /// pass of the pod records).
     pub async fn wait_reconciled_all(&self) -> Result<()> {
         wait_for_value(CONVERGE, || async {
-            let done = ["Topic", "ConsumerGroup", "Subscription"]
+            let done = ["Topic", "ConsumerGroup", "Subscription", "Pod"]
                 .iter()
                 .all(|kind| {
                     self.metric(&format!(
