@@ -141,12 +141,22 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned())
     } else if let Some(why) = poisoned_logs(&s.engine) {
         (StatusCode::SERVICE_UNAVAILABLE, why)
-    } else if let Some(routing) = &s.routing {
-        match routing.readiness() {
-            (true, why) => (StatusCode::OK, format!("ready\n{why}\n")),
-            (false, why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-        }
     } else {
-        (StatusCode::OK, "ready\n".to_owned())
+        let (routing_ok, routing) = match &s.routing {
+            Some(routing) => {
+                let (ok, why) = routing.readiness();
+                (ok, format!("{why}\n"))
+            }
+            None => (true, String::new()),
+        };
+        let (zone_ok, zone) = s.engine.placement.readiness();
+        if routing_ok && zone_ok {
+            (StatusCode::OK, format!("ready\n{routing}{zone}\n"))
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{routing}{zone}\n"),
+            )
+        }
     }
 }

@@ -33,12 +33,21 @@ pub struct Config {
     /// Namespace of the pod; topics and subscriptions named without a namespace are here.
     #[arg(long, env = "FERRY_NAMESPACE", default_value = "default")]
     pub namespace: String,
-    /// Zone of the pod's node (`topology.kubernetes.io/zone`); decides same-zone delivery.
+    /// Local mode only (`ferryctl dev` sets it from its pods file): the zone this sidecar
+    /// routes by. With `--etcd-endpoints` it is ignored: a cluster's sidecar learns its
+    /// zone from its pod record, which the operator writes with the node's
+    /// `topology.kubernetes.io/zone` label (see `placement.rs`).
     #[arg(long, env = "FERRY_ZONE", default_value = "")]
     pub zone: String,
-    /// Node the pod runs on.
+    /// Local mode only, as `--zone`: the node this sidecar runs on.
     #[arg(long, env = "FERRY_NODE", default_value = "")]
     pub node: String,
+    /// How long after start `/readyz` waits for this pod's record (its zone) in the routing
+    /// table before it turns ready without it, routing with no zone preference until the
+    /// record arrives. The operator writes the record when the pod is scheduled, so it is
+    /// normally there at once; a bound keeps a down operator from keeping pods unready.
+    #[arg(long, env = "FERRY_POD_RECORD_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub pod_record_wait: Duration,
     /// Directory of the local logs; one subdirectory per topic.
     #[arg(long, env = "FERRY_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -172,6 +181,7 @@ impl Config {
             identity_trust_anchors: None,
             identity_token_file: IDENTITY_TOKEN_PATH.into(),
             drain_on_stdin_eof: false,
+            pod_record_wait: Duration::from_secs(10),
         }
     }
 

@@ -18,6 +18,7 @@ use crate::delivery::DeliveryManager;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::peer::PeerPool;
+use crate::placement::Placements;
 use crate::replica::holder::ReplicaLogs;
 use crate::replica::replicator::Replicator;
 use crate::store::{StoreOptions, TopicStore};
@@ -32,7 +33,6 @@ mod unconfirmed;
 pub struct Identity {
     pub pod: String,
     pub namespace: String,
-    pub zone: String,
     pub service_account: String,
     /// `namespace/pod`, how producers name themselves to peers.
     pub producer_id: Arc<str>,
@@ -49,6 +49,8 @@ pub struct Identity {
 #[derive(Debug)]
 pub struct Engine {
     pub identity: Identity,
+    /// The zone and node it routes by (`placement.rs`).
+    pub placement: Placements,
     pub config: Config,
     pub routing: watch::Receiver<Arc<RoutingTable>>,
     pub metrics: Arc<Metrics>,
@@ -90,7 +92,6 @@ impl Engine {
         let identity = Identity {
             pod: config.pod_name.clone(),
             namespace: config.namespace.clone(),
-            zone: config.zone.clone(),
             service_account: config.service_account.clone(),
             producer_id: config.producer_id().into(),
             advertise,
@@ -101,7 +102,10 @@ impl Engine {
             .max_unconfirmed_publishes
             .min(tokio::sync::Semaphore::MAX_PERMITS);
         replicas.open_existing();
+        let placement = Placements::new(&config, metrics.zone.clone());
+        placement.follow(&routing.borrow());
         Arc::new(Self {
+            placement,
             consumer: Consumer::new(
                 config.pod_name.clone(),
                 routing.clone(),

@@ -9,7 +9,8 @@
 //! gRPC: server and batched client streams), `consumer` (consuming side: deliveries held
 //! for the app, credits, delivery ids), `app` (the app's gRPC and HTTP APIs), `admin`
 //! (metrics and health), `identity` (the workload certificate from the operator's identity
-//! service, renewed at half-life), `http_server` (the limits of the HTTP ports: header timeout,
+//! service, renewed at half-life), `placement` (the zone and node it routes by: its pod
+//! record in a cluster), `http_server` (the limits of the HTTP ports: header timeout,
 //! header size, connections), `engine` (the shared state handed to every layer), `runtime`
 //! (starting and stopping it all) and `shutdown` (signals and the drain).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -27,6 +28,7 @@ pub mod identity;
 pub mod log;
 pub mod metrics;
 pub mod peer;
+pub mod placement;
 pub mod replica;
 pub mod routing;
 pub mod runtime;

@@ -38,8 +38,9 @@ async fn main() -> anyhow::Result<()> {
     let source: Box<dyn RoutingSource> = match &config.routing_file {
         Some(path) => Box::new(FileSource::new(path.clone())),
         None if !config.etcd_endpoints.is_empty() => {
-            let etcd = EtcdSource::new(EtcdOptions::new(config.etcd_endpoints.clone()))
-                .context("starting the sidecar")?;
+            let options = EtcdOptions::new(config.etcd_endpoints.clone())
+                .for_pod(&config.namespace, &config.pod_name);
+            let etcd = EtcdSource::new(options).context("starting the sidecar")?;
             status = Some(etcd.status());
             Box::new(etcd)
         }

@@ -31,6 +31,13 @@ pub struct SubLabels {
     pub subscription: String,
 }
 
+/// Labels of `ferry_sidecar_zone`: where this sidecar runs (`crate::placement`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ZoneLabels {
+    pub zone: String,
+    pub node: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -133,6 +140,8 @@ pub struct Metrics {
     pub unconfirmed_publishes: Gauge,
     /// `ACK_LEVEL_NONE` publishes that waited for the store (`--max-unconfirmed-publishes`).
     pub unconfirmed_publishes_waited: Counter,
+    /// 1 for the zone and node this sidecar routes by (one series, the current one).
+    pub zone: Family<ZoneLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -187,8 +196,14 @@ impl Metrics {
             exactly_once_evicted: Family::default(),
             unconfirmed_publishes: Gauge::default(),
             unconfirmed_publishes_waited: Counter::default(),
+            zone: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "zone",
+            "1 for the zone and node this sidecar routes by: its pod record's in a cluster, --zone in local mode; an empty zone prefers none",
+            m.zone.clone(),
+        );
         registry.register(
             "published",
             "Messages accepted for publishing",

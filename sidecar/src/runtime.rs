@@ -285,6 +285,8 @@ impl Sidecar {
                             _ = stop.cancelled() => return,
                         }
                         let table = routing.borrow_and_update().clone();
+                        // The zone first: the dispatchers route by it.
+                        engine.placement.follow(&table);
                         engine.delivery.reconcile(&engine, &table).await;
                     }
                 }),
@@ -521,7 +523,7 @@ impl Running {
         format!(
             "ferry-sidecar ready pod={} zone={} app_grpc={} app_http={} peer={} admin={}",
             self.engine.identity.pod,
-            self.engine.identity.zone,
+            self.engine.placement.zone(),
             a.app_grpc,
             a.app_http,
             a.advertise,

@@ -64,6 +64,7 @@ impl EtcdSidecar {
             .arg("--drain-on-stdin-eof")
             .env_remove("FERRY_ZONE")
             .env_remove("FERRY_NODE")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -347,7 +348,7 @@ async fn a_sidecar_without_a_zone_setting_learns_it_from_its_pod_record() -> Res
         "SameZoneOnly crossed a zone"
     );
     producer
-        .wait_metric("ferry_sidecar_zone{")
+        .wait_metric(r#"ferry_sidecar_zone{zone="zone-a",node="node-1"} 1"#)
         .await
         .context("the zone in the metrics")?;
     let learned = producer.lines_with("zone-a");

@@ -127,10 +127,11 @@ impl Replicator {
 
     /// Replica candidates of this sidecar, best first.
     pub fn candidates(engine: &Engine) -> Vec<Candidate> {
+        let here = engine.placement.current();
         let me = Chooser {
             id: &engine.identity.producer_id,
-            zone: &engine.identity.zone,
-            node: &engine.config.node,
+            zone: &here.zone,
+            node: &here.node,
         };
         choose::candidates(&engine.table(), me, &engine.identity.advertise)
     }

@@ -27,6 +27,10 @@
 //!   decode (including another schema version) is logged and counted; that key keeps its
 //!   last good entry (none if it never had one) and the rest applies. A re-list carries
 //!   such entries over, so that a re-list gives the same table as the watch did.
+//! - **Only its own pod record.** The operator writes a record per pod
+//!   (`/ferry/v1/pods/...`); the source keeps only this pod's ([`EtcdOptions::pod`]) and
+//!   skips the others unread, so that a sidecar neither holds every pod's record nor
+//!   reads other tenants' pods (they still advance the revision).
 //! - **Starting with etcd down.** Unlike [`super::FileSource`], [`EtcdSource::start`]
 //!   does not wait for the first table: the sidecar starts with an empty table (revision
 //!   0), reports not connected and not ready, and the source keeps retrying.
@@ -40,7 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue, WatchOptions, WatchResponse};
-use ferry_api::routing::{PREFIX, RoutingTable};
+use ferry_api::routing::{PODS_PREFIX, PREFIX, RoutingTable, pod_key};
 use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -72,6 +76,9 @@ pub struct EtcdOptions {
     pub backoff: (Duration, Duration),
     /// At most this many watch responses are coalesced into one published table.
     pub max_batch: usize,
+    /// Key of this pod's record (`routing::pod_key`): the only pod record kept. `None`:
+    /// none is kept.
+    pub pod: Option<String>,
 }
 
 impl EtcdOptions {
@@ -83,7 +90,20 @@ impl EtcdOptions {
             keep_alive: (Duration::from_secs(10), Duration::from_secs(5)),
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
             max_batch: 64,
+            pod: None,
         }
+    }
+
+    /// Keeps the record of pod `pod` of `namespace` (and no other pod's).
+    pub fn for_pod(mut self, namespace: &str, pod: &str) -> Self {
+        self.pod = Some(pod_key(namespace, pod));
+        self
+    }
+
+    /// Whether the entry at `key` is another pod's record, which is skipped.
+    fn skips(&self, key: &[u8]) -> bool {
+        key.starts_with(PODS_PREFIX.as_bytes())
+            && self.pod.as_deref().map(str::as_bytes) != Some(key)
     }
 }
 
@@ -309,6 +329,9 @@ impl EtcdSource {
 
     /// Applies one key; a bad key or value is logged and counted, the table keeps going.
     fn apply_one(&self, table: &mut RoutingTable, kv: &KeyValue, value: Option<&[u8]>) -> bool {
+        if self.options.skips(kv.key()) {
+            return true;
+        }
         let result = match kv.key_str() {
             Ok(key) => table.apply_kv(key, value).map_err(|e| e.to_string()),
             Err(e) => Err(format!(
@@ -464,6 +487,17 @@ mod tests {
         assert!(EtcdSource::new(EtcdOptions::new(vec![])).is_err());
         assert!(EtcdSource::new(EtcdOptions::new(vec![" ".into()])).is_err());
         assert!(EtcdSource::new(EtcdOptions::new(vec!["http://127.0.0.1:2379".into()])).is_ok());
+    }
+
+    #[test]
+    fn only_its_own_pod_record_is_kept() {
+        let options = EtcdOptions::new(vec!["http://e:2379".into()]).for_pod("shop", "web-1");
+        assert!(!options.skips(b"/ferry/v1/pods/shop/web-1"));
+        assert!(options.skips(b"/ferry/v1/pods/shop/web-2"));
+        assert!(options.skips(b"/ferry/v1/pods/other/web-1"));
+        assert!(!options.skips(b"/ferry/v1/members/shop/g/web-2"));
+        let anonymous = EtcdOptions::new(vec!["http://e:2379".into()]);
+        assert!(anonymous.skips(b"/ferry/v1/pods/shop/web-1"));
     }
 
     #[test]

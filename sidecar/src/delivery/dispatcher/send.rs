@@ -50,10 +50,10 @@ impl Dispatcher {
         };
         if entry.copies.is_empty() {
             let policy = self.setup.group.zone_policy;
-            let zone = &self.engine.identity.zone;
+            let zone = self.engine.placement.zone();
             let pinned: Vec<Option<String>> = match self.setup.group.delivery {
                 Delivery::Unicast => vec![None],
-                Delivery::Broadcast => select::broadcast_targets(&self.members, policy, zone)
+                Delivery::Broadcast => select::broadcast_targets(&self.members, policy, &zone)
                     .into_iter()
                     .map(|i| Some(self.members[i].pod.clone()))
                     .collect(),
@@ -79,8 +79,9 @@ impl Dispatcher {
                     Some(_) => None,
                 },
                 None => {
-                    let zone = &self.engine.identity.zone;
-                    let cands = select::eligible(&self.members, self.setup.group.zone_policy, zone);
+                    let zone = self.engine.placement.zone();
+                    let cands =
+                        select::eligible(&self.members, self.setup.group.zone_policy, &zone);
                     match &key {
                         Some(k) => select::by_key(&self.members, &cands, k)
                             .filter(|i| self.members[*i].in_flight < max),
