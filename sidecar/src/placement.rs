@@ -20,7 +20,7 @@
 //! disappears (the pod object is gone; its sidecar is about to stop) leaves the last
 //! learned zone in force.
 //!
-//! `/readyz` waits for the record for at most `--pod-record-wait` after start (it is
+//! In a cluster `/readyz` waits for the record for at most `--pod-record-wait` after start (it is
 //! normally there before the sidecar starts: the operator writes it at scheduling), then
 //! turns ready without it: a sidecar must not stay unready for ever because the operator is
 //! down, since the routing table it already has still routes.
@@ -125,7 +125,12 @@ impl Placements {
             learned: AtomicBool::new(false),
             missing_logged: AtomicBool::new(false),
             started: Instant::now(),
-            wait: config.pod_record_wait,
+            // Only an operator writes pod records: a routing file without one is not waited for.
+            wait: if config.etcd_endpoints.is_empty() {
+                Duration::ZERO
+            } else {
+                config.pod_record_wait
+            },
             gauge,
         };
         placements.set(current);

@@ -103,6 +103,17 @@ fn the_record_is_learned_followed_and_kept_when_it_goes() {
 }
 
 #[test]
+fn only_a_cluster_sidecar_waits_for_its_record() {
+    assert!(
+        !Placements::new(&config("", true), Family::default())
+            .readiness()
+            .0
+    );
+    let local = Placements::new(&config("", false), Family::default());
+    assert!(local.readiness().0, "{}", local.readiness().1);
+}
+
+#[test]
 fn readyz_waits_for_the_record_but_not_for_ever() {
     let wait = Duration::from_secs(10);
     let key = "/ferry/v1/pods/shop/web-1";
