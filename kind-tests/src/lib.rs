@@ -29,6 +29,7 @@ pub mod control_plane;
 pub mod crds;
 pub mod e2e;
 pub mod http;
+pub mod kubelet;
 pub mod netns;
 pub mod tools;
 pub mod toxic_proxy;
