@@ -4,10 +4,12 @@
 //! Layout of fabric `n` of test process `pid`: the bridge holds `10.S.2n.1/23` and
 //! `10.S.2n+1.1/23` (`S = 100 + pid % 100`); zone-a pods get `10.S.2n.X`, zone-b pods
 //! `10.S.2n+1.X`, all on one /23 so that they reach each other directly over the bridge (no
-//! IP forwarding in the host). The host side (etcd, the operator, the delay proxies)
-//! listens on the zone's gateway address. A partition is a blackhole route for the other
-//! zone's /24 in every pod namespace, so it cuts pods from pods and leaves each zone its
-//! gateway.
+//! IP forwarding in the host). The host side (the delay proxies) listens on the zone's
+//! gateway address; what every pod uses (the routing table's etcd) listens on the fabric's
+//! service address `10.S.255.n`, a /32 of the host outside both zones that pods reach
+//! through their default route, as a Service's ClusterIP. A partition is a blackhole route
+//! for the other zone's /24 in every pod namespace, so it cuts pods from pods and leaves
+//! each zone its gateway and the service address.
 //!
 //! Names carry the test process's pid (`ferry-e2e-<pid>-<n>-<pod>`, links `fe<pid hex>…`)
 //! so that parallel tests and processes never collide, and so that [`Fabric::new`] can
@@ -112,6 +114,8 @@ impl Fabric {
             let gw = format!("{}/23", fabric.gateway(zone));
             run("ip", &["addr", "add", &gw, "dev", &bridge])?;
         }
+        let service = format!("{}/32", fabric.service_ip());
+        run("ip", &["addr", "add", &service, "dev", &bridge])?;
         run("ip", &["link", "set", &bridge, "up"])?;
         Ok(fabric)
     }
@@ -120,6 +124,13 @@ impl Fabric {
     /// host-side services (etcd, proxies).
     pub fn gateway(&self, zone: Zone) -> Ipv4Addr {
         Ipv4Addr::new(10, self.second_octet, self.third_octet(zone), 1)
+    }
+
+    /// The host's address that every pod reaches, whatever its zone and also while the
+    /// zones are partitioned: where host-side services all pods use listen.
+    pub fn service_ip(&self) -> Ipv4Addr {
+        // Fabric numbers stay below 127, so zone subnets end at 10.S.253.0/24.
+        Ipv4Addr::new(10, self.second_octet, 255, self.number)
     }
 
     fn third_octet(&self, zone: Zone) -> u8 {

@@ -1,18 +1,23 @@
 //! One end-to-end test's world on the local control plane: a namespace of its own, a
-//! [`Fabric`] of pod network namespaces, a `ferry-operator` process, one Node per zone,
-//! and "pods": a Pod object created through the API server with its status set as a
-//! kubelet would (IP, Ready), and a `ferry-sidecar` process in the pod's namespace with
-//! that IP. Apps (`ferry-e2e-app`) run next to their pod's sidecar.
+//! [`Fabric`] of pod network namespaces, a `ferry-operator` process that also serves the
+//! sidecar-injection webhook (registered for the namespace), one Node per zone, and
+//! "pods": a Pod created through the API server asking for injection, bound to its zone's
+//! Node, given an IP in a network namespace, and its injected `ferry-sidecar` container run
+//! from the mutated spec by the suite's [`kubelet`](crate::kubelet). Apps (`ferry-e2e-app`)
+//! run next to their pod's sidecar.
 //!
 //! The sidecars reach the control plane's etcd (which listens on the host's loopback)
-//! through a forwarder on each zone's gateway address.
+//! through one forwarder on the fabric's service address, which every pod reaches; the
+//! operator's `sidecar.yaml` names it, as a platform team names its etcd Service.
 
 mod apps;
 mod pods;
+mod webhook;
 
 pub use crate::http::http_get;
 pub use apps::AppProcess;
-pub use pods::E2ePod;
+pub use pods::{APP_IMAGE, E2ePod, SERVICE_ACCOUNT};
+pub use webhook::SIDECAR_IMAGE;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,13 +26,14 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::binaries::{Binaries, binaries};
+use crate::kubelet::Images;
 use crate::netns::{Fabric, Zone};
 use crate::toxic_proxy::ToxicProxy;
 use crate::{CRDS_DIR, ControlPlane};
@@ -46,7 +52,10 @@ pub struct E2e {
     pub fabric: Fabric,
     pub bins: Binaries,
     pub dir: tempfile::TempDir,
-    etcd_forwarders: BTreeMap<Zone, ToxicProxy>,
+    /// What the world's kubelet can run: the built sidecar for [`SIDECAR_IMAGE`].
+    images: Images,
+    /// The sidecars' way to etcd, on the fabric's service address.
+    etcd_forwarder: ToxicProxy,
     operator: Option<Child>,
     pods: BTreeMap<String, E2ePod>,
     apps: Vec<PathBuf>,
@@ -55,8 +64,10 @@ pub struct E2e {
 
 impl E2e {
     /// Builds the binaries, joins the shared control plane, installs the CRDs, creates a
-    /// namespace `e2e-<name>-<random>`, the fabric, a Node per zone, and starts the
-    /// operator (watching that namespace only, with its own Lease and fencing key).
+    /// namespace `e2e-<name>-<random>` with its `default` ServiceAccount (as the
+    /// controller-manager would), the fabric, a Node per zone, starts the operator
+    /// (watching that namespace only, with its own Lease and fencing key, serving the
+    /// webhook) and registers its webhook for the namespace, waiting until it injects.
     pub async fn new(name: &str) -> Result<Self> {
         if let Some(kubeconfig) = std::env::var_os(REMOTE_KUBECONFIG_ENV) {
             bail!(
@@ -78,6 +89,12 @@ impl E2e {
             .create(&PostParams::default(), &namespace)
             .await
             .with_context(|| format!("creating namespace {ns}"))?;
+        let account: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": SERVICE_ACCOUNT}}))?;
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &account)
+            .await
+            .with_context(|| format!("creating serviceaccount {SERVICE_ACCOUNT} in {ns}"))?;
         let nodes: Api<Node> = Api::all(client.clone());
         for zone in [Zone::A, Zone::B] {
             let node: Node = serde_json::from_value(json!({"metadata": {
@@ -91,12 +108,14 @@ impl E2e {
             .trim_start_matches("http://")
             .parse()
             .context("the control plane's etcd endpoint")?;
-        let mut etcd_forwarders = BTreeMap::new();
-        for zone in [Zone::A, Zone::B] {
-            let listen = SocketAddr::from((fabric.gateway(zone), 0));
-            etcd_forwarders.insert(zone, ToxicProxy::start(listen, etcd).await?);
-        }
+        let listen = SocketAddr::from((fabric.service_ip(), 0));
+        let etcd_forwarder = ToxicProxy::start(listen, etcd).await?;
         let dir = tempfile::Builder::new().prefix("ferry-e2e-").tempdir()?;
+        let images = Images::default().with(
+            SIDECAR_IMAGE,
+            bins.sidecar.clone(),
+            webhook::SIDECAR_ENTRYPOINT,
+        );
         let mut world = Self {
             cp,
             client,
@@ -104,13 +123,16 @@ impl E2e {
             fabric,
             bins,
             dir,
-            etcd_forwarders,
+            images,
+            etcd_forwarder,
             operator: None,
             pods: BTreeMap::new(),
             apps: Vec::new(),
             next_app: 0,
         };
-        world.start_operator().await?;
+        let (webhook, ca) = world.start_operator().await?;
+        webhook::register(&world.client, &world.ns, webhook, &ca).await?;
+        webhook::wait_injecting(&world.api::<Pod>()).await?;
         println!(
             "e2e world {}: files in {}",
             world.ns,
@@ -119,9 +141,16 @@ impl E2e {
         Ok(world)
     }
 
-    async fn start_operator(&mut self) -> Result<()> {
+    /// Starts the operator with a webhook certificate and `sidecar.yaml` of its own;
+    /// returns the webhook's address and the CA that signed its certificate.
+    async fn start_operator(&mut self) -> Result<(SocketAddr, Vec<u8>)> {
         let log = std::fs::File::create(self.dir.path().join("operator.log"))?;
         let metrics = free_port()?;
+        let webhook_dir = self.dir.path().join("webhook");
+        let ca = webhook::make_certs(&webhook_dir)?;
+        let sidecar_config = self.dir.path().join("sidecar.yaml");
+        webhook::write_sidecar_config(&sidecar_config, self.etcd_forwarder.listen)?;
+        let webhook = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let child = Command::new(&self.bins.operator)
             .args(["--etcd-endpoints", self.cp.etcd_endpoints()])
             .arg("--kubeconfig")
@@ -138,6 +167,11 @@ impl E2e {
             .args(["--identity", &format!("{}-operator", self.ns)])
             .args(["--lease-duration", "4s", "--renew-deadline", "3s"])
             .args(["--retry-period", "500ms"])
+            .arg("--webhook-cert-dir")
+            .arg(webhook_dir.join("certs"))
+            .args(["--webhook-addr", &webhook.to_string()])
+            .arg("--sidecar-config")
+            .arg(&sidecar_config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -147,7 +181,7 @@ impl E2e {
             .spawn()
             .context("starting ferry-operator")?;
         self.operator = Some(child);
-        Ok(())
+        Ok((webhook, ca))
     }
 
     /// `kubectl apply` of a YAML text, with `namespace: default` turned into this world's.

@@ -1,36 +1,49 @@
-//! Pods of an [`E2e`] world: a network namespace, a Pod object whose status the test sets
-//! as a kubelet would, and a sidecar process; and the group members the operator derives.
+//! Pods of an [`E2e`] world, made as a cluster makes them: a Pod created through the API
+//! server asking for injection (the real webhook mutates it), bound to its zone's Node, its
+//! status set as a kubelet would (IP, then Ready once the sidecar's own probes pass), and
+//! its injected sidecar container run from the mutated spec alone by the suite's
+//! [`kubelet`](crate::kubelet); and the group members the operator derives.
 
-use crate::http::http_get;
+use crate::kubelet::{self, ContainerPlan, Sandbox, container_command, wait_started};
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use ferry_api::consts::{INJECT_ANNOTATION, SIDECAR_CONTAINER};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::process::Child;
 
 use super::{CONVERGE, E2e};
-use crate::netns::{NetPod, PEER_PORT, Zone};
+use crate::netns::{NetPod, Zone};
 use crate::wait_for_value;
 
-/// A pod of the world: its namespace, and its sidecar while one runs.
+/// The service account of the world's pods (the one the API server would default to).
+pub const SERVICE_ACCOUNT: &str = "default";
+/// The image of the pods' app container (the harness starts `ferry-e2e-app` itself).
+pub const APP_IMAGE: &str = "ferry-e2e-app:e2e";
+
+/// A pod of the world: its namespace, its resolved sidecar container, the pod's volumes,
+/// and its sidecar process while one runs.
 #[derive(Debug)]
 pub struct E2ePod {
     pub name: String,
     pub net: NetPod,
     pub labels: BTreeMap<String, String>,
+    /// The sidecar container as the kubelet resolved it from the mutated pod.
+    pub plan: ContainerPlan,
     pub(super) sidecar: Option<Child>,
-    data_dir: PathBuf,
+    sandbox: Sandbox,
 }
 
 impl E2e {
-    /// Creates pod `name` in `zone` with `labels`: a network namespace with a new IP, a
-    /// Pod with a `ferry-sidecar` native sidecar on the zone's Node, status Running and
-    /// Ready with that IP, and the sidecar process (waited on until it answers `/readyz`).
+    /// Creates pod `name` in `zone` with `labels`, as a cluster would: a Pod asking for
+    /// injection through the API server, bound to the zone's Node, a network namespace with
+    /// a new IP set as the pod's IP, the injected sidecar container resolved from the pod
+    /// read back and started (waited on until its startup and readiness probes pass), and
+    /// the pod Running and Ready.
     pub async fn add_pod(
         &mut self,
         name: &str,
@@ -41,26 +54,63 @@ impl E2e {
         let net = self.fabric.add_pod(name, zone)?;
         let ip = net.ip;
         let manifest: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": labels},
+            "metadata": {"name": name, "labels": labels, "annotations": {INJECT_ANNOTATION: "true"}},
             "spec": {
-                "nodeName": format!("{}-{}", self.ns, zone.label()),
-                "initContainers": [{"name": "ferry-sidecar", "image": "ferry/sidecar", "restartPolicy": "Always"}],
-                "containers": [{"name": "app", "image": "ferry/e2e-app"}],
+                "serviceAccountName": SERVICE_ACCOUNT,
+                "containers": [{"name": "app", "image": APP_IMAGE}],
             }
         }))?;
-        self.api::<Pod>()
-            .create(&PostParams::default(), &manifest)
+        let pods = self.api::<Pod>();
+        pods.create(&PostParams::default(), &manifest)
             .await
             .with_context(|| format!("creating pod {name}"))?;
-        let data_dir = self.dir.path().join("data").join(format!("{name}-{ip}"));
+        let node = format!("{}-{}", self.ns, zone.label());
+        let binding = json!({
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        });
+        pods.create_subresource::<_, serde_json::Value>(
+            "binding",
+            name,
+            &PostParams::default(),
+            &binding,
+        )
+        .await
+        .with_context(|| format!("binding pod {name} to {node}"))?;
+        // The sandbox is up: the pod has its IP, its containers do not run yet.
+        let gateway = self.fabric.gateway(zone).to_string();
+        let status = json!({"status": {
+            "phase": "Pending",
+            "hostIP": gateway,
+            "hostIPs": [{"ip": gateway}],
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+        }});
+        let pod = pods
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .with_context(|| format!("setting the IP of pod {name}"))?;
+        let plan = kubelet::plan(&pod, SIDECAR_CONTAINER, &self.images)
+            .with_context(|| format!("pod {name} as the API server returned it"))?;
+        let dir = self
+            .dir
+            .path()
+            .join("pods")
+            .join(format!("{name}-{}", plan.uid));
+        let sandbox = Sandbox::prepare(&self.client, &plan, &dir)
+            .await
+            .with_context(|| format!("the volumes of pod {name}"))?;
         self.pods.insert(
             name.to_owned(),
             E2ePod {
                 name: name.to_owned(),
                 net,
                 labels: labels.clone(),
+                plan,
                 sidecar: None,
-                data_dir,
+                sandbox,
             },
         );
         self.start_sidecar(name).await?;
@@ -68,54 +118,38 @@ impl E2e {
         Ok(ip)
     }
 
-    /// Starts the pod's sidecar (again, on the same data dir) and waits until it is ready.
+    /// Starts the pod's sidecar container (again, on the same volumes, as the kubelet
+    /// restarts a container) and waits until its startup and readiness probes pass.
     pub async fn start_sidecar(&mut self, name: &str) -> Result<()> {
         let pod = self
             .pods
             .get(name)
             .with_context(|| format!("no pod {name}"))?;
-        let etcd = self
-            .etcd_forwarders
-            .get(&pod.net.zone)
-            .map(|p| format!("http://{}", p.listen))
-            .context("etcd forwarder")?;
         let log_path = self.dir.path().join(format!("sidecar-{name}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = self
-            .fabric
-            .command(&pod.net, &self.bins.sidecar)
-            .env("FERRY_POD_NAME", name)
-            .env("FERRY_NAMESPACE", &self.ns)
-            .env("FERRY_ZONE", pod.net.zone.label())
-            .env(
-                "FERRY_NODE",
-                format!("{}-{}", self.ns, pod.net.zone.label()),
-            )
-            .env("FERRY_DATA_DIR", &pod.data_dir)
-            .env("FERRY_ETCD_ENDPOINTS", etcd)
-            .env(
-                "FERRY_ADVERTISE_ADDR",
-                format!("{}:{PEER_PORT}", pod.net.ip),
-            )
-            .env("FERRY_SHUTDOWN_GRACE", "5s")
-            .env("NO_COLOR", "1")
+        let mut child = container_command(&pod.plan, &pod.sandbox, &pod.net.netns)?
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting the sidecar of {name}"))?;
-        let admin = SocketAddr::from((pod.net.ip, 7790));
+        let ip = IpAddr::V4(pod.net.ip);
+        let (startup, readiness) = (pod.plan.startup.clone(), pod.plan.readiness.clone());
+        let started = tokio::time::timeout(
+            CONVERGE,
+            wait_started(startup.as_ref(), readiness.as_ref(), ip, &mut child),
+        )
+        .await;
         if let Some(pod) = self.pods.get_mut(name) {
             pod.sidecar = Some(child);
         }
-        wait_for_value(CONVERGE, || async {
-            let (status, _) = http_get(admin, "/readyz").await?;
-            Ok((status == 200).then_some(()))
-        })
-        .await
-        .with_context(|| format!("the sidecar of {name} is ready ({})", log_path.display()))
+        let what = || format!("the sidecar of {name} is ready ({})", log_path.display());
+        started
+            .with_context(|| format!("waited {CONVERGE:?}"))
+            .with_context(what)?
+            .with_context(what)
     }
 
     /// Kills the pod's sidecar (`SIGKILL`).
