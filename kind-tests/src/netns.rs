@@ -333,6 +333,8 @@ fn preflight() -> Result<()> {
         ("ip", &["netns", "list"][..]),
         ("iptables", &["--version"][..]),
         ("setpriv", &["--version"][..]),
+        ("unshare", &["--version"][..]),
+        ("mount", &["--version"][..]),
     ] {
         let ok = Command::new(tool)
             .args(args)
@@ -343,7 +345,8 @@ fn preflight() -> Result<()> {
         ensure!(
             ok,
             "`{tool}` is missing or fails: the end-to-end suite needs iproute2, iptables and \
-             util-linux (`kind-tests/control-plane.sh install` installs them)"
+             util-linux (`setpriv`, `unshare`, `mount`; `kind-tests/control-plane.sh install` \
+             installs them)"
         );
     }
     Ok(())
