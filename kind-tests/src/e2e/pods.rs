@@ -38,6 +38,18 @@ pub struct E2ePod {
     sandbox: Sandbox,
 }
 
+impl E2ePod {
+    /// The pid of its sidecar process, while one runs.
+    pub fn sidecar_pid(&self) -> Option<u32> {
+        self.sidecar.as_ref()?.id()
+    }
+
+    /// The host folder of one of its volumes.
+    pub fn volume_dir(&self, volume: &str) -> Option<&std::path::Path> {
+        self.sandbox.volume_dir(volume)
+    }
+}
+
 impl E2e {
     /// Creates pod `name` in `zone` with `labels`, as a cluster would: a Pod asking for
     /// injection through the API server, bound to the zone's Node, a network namespace with

@@ -18,8 +18,10 @@ const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 
 /// Mounts each `SOURCE TARGET MODE` triple up to `--` (creating the mount point, as a
 /// container runtime does in the image's root), then runs the rest. Arguments are
-/// positional, so no path is ever parsed by the shell.
+/// positional, so no path is ever parsed by the shell; the shell's own `PWD` is not passed
+/// on.
 const MOUNT_SCRIPT: &str = r#"set -e
+unset PWD OLDPWD
 while [ "$1" != -- ]; do
   mkdir -p "$2"
   mount --bind "$1" "$2"
@@ -114,6 +116,8 @@ pub fn container_command(
         .env("PATH", IMAGE_PATH)
         .env("HOSTNAME", &plan.pod)
         .envs(plan.env.iter().map(|(k, v)| (k, v)))
+        // The image's working directory (none is set, so its root).
+        .current_dir("/")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     Ok(command)

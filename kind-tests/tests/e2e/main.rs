@@ -10,13 +10,15 @@
 //! - `zones`: docs/reliability.md row 12, every same-zone member of a group gone;
 //! - `churn`: row 21, pods flip Ready, get deleted and recreated with new IPs under load;
 //! - `partition`: row 11, zone-a cut from zone-b;
-//! - `flaky`: row 13, random loss and a delay proxy on the peer links.
+//! - `flaky`: row 13, random loss and a delay proxy on the peer links;
+//! - `kubelet`: the sidecar process is what the injected container says, and nothing else.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod churn;
 mod examples;
 mod flaky;
+mod kubelet;
 mod partition;
 mod support;
 mod zones;

@@ -1,0 +1,161 @@
+//! The suite's kubelet against the real API server and webhook: the sidecar process of a
+//! pod has exactly the environment of its injected container (no setting of the harness's
+//! own), its data volume mounted where the container says, and a projected
+//! service-account token is a real token of the pod's service account, bound to the pod,
+//! for the audience the volume names.
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, Result, ensure};
+use ferry_api::consts::{IDENTITY_AUDIENCE, SIDECAR_CONTAINER};
+use ferry_kind_tests::e2e::{E2e, SIDECAR_IMAGE};
+use ferry_kind_tests::kubelet::{Images, Sandbox, plan};
+use ferry_kind_tests::netns::Zone;
+use k8s_openapi::api::authentication::v1::TokenReview;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+use crate::support::labels;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_sidecar_runs_as_its_pod_spec_says() -> Result<()> {
+    let mut w = E2e::new("kubelet").await?;
+    w.add_pod("p1", Zone::A, &labels(&[("app", "x")])).await?;
+    let pod = w.api::<Pod>().get("p1").await?;
+    let spec = pod.spec.clone().context("spec")?;
+    let container = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == SIDECAR_CONTAINER)
+        .context("the injected sidecar")?;
+    let spec_env: BTreeSet<String> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.clone())
+        .collect();
+
+    // The process's environment: the container's variables, and what every image has.
+    let e2e_pod = w.pod("p1")?;
+    let pid = e2e_pod.sidecar_pid().context("the sidecar runs")?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    let running: BTreeSet<String> = environ
+        .split(|b| *b == 0)
+        .filter_map(|var| {
+            let var = String::from_utf8_lossy(var);
+            Some(var.split_once('=')?.0.to_owned())
+        })
+        .collect();
+    let mut expected = spec_env.clone();
+    expected.extend(["PATH".to_owned(), "HOSTNAME".to_owned()]);
+    println!("kubelet: the sidecar of p1 runs with {running:?}");
+    ensure!(
+        running == expected,
+        "environment {running:?}, container spec {expected:?}"
+    );
+    let environ = String::from_utf8_lossy(&environ);
+    let ip = e2e_pod.net.ip;
+    ensure!(
+        environ.contains(&format!("FERRY_ADVERTISE_ADDR={ip}:7710")),
+        "$(FERRY_POD_IP) is expanded from status.podIP"
+    );
+    ensure!(
+        environ.contains(&format!("FERRY_NODE={}-zone-a", w.ns)),
+        "spec.nodeName of the binding"
+    );
+
+    // Its data volume is the pod's emptyDir, mounted at the container's mountPath.
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/var/lib/ferry")
+        .context("the data mount")?;
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    ensure!(
+        mountinfo
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/var/lib/ferry")),
+        "/var/lib/ferry is a mount point of the sidecar"
+    );
+    // What the pod's volume holds is what the sidecar sees there (`/proc/PID/root` is the
+    // process's view of the file system, its own mounts included).
+    let data = e2e_pod.volume_dir(&mount.name).context("the data volume")?;
+    std::fs::write(data.join("kubelet-marker"), "emptyDir")?;
+    let seen = std::fs::read_to_string(format!("/proc/{pid}/root/var/lib/ferry/kubelet-marker"))?;
+    ensure!(
+        seen == "emptyDir",
+        "the sidecar's /var/lib/ferry is {}",
+        data.display()
+    );
+    std::fs::remove_file(data.join("kubelet-marker"))?;
+    ensure!(
+        !std::path::Path::new("/var/lib/ferry/kubelet-marker").exists(),
+        "the mount is the sidecar's own, not the host's"
+    );
+
+    // A projected serviceAccountToken volume: a token of the pod's service account, bound
+    // to the pod, for the volume's audience.
+    let mut with_token = serde_json::to_value(&pod)?;
+    with_token["spec"]["volumes"]
+        .as_array_mut()
+        .context("volumes")?
+        .push(json!({"name": "identity", "projected": {"sources": [
+            {"serviceAccountToken": {"audience": IDENTITY_AUDIENCE, "expirationSeconds": 600, "path": "token"}}
+        ]}}));
+    for c in with_token["spec"]["initContainers"]
+        .as_array_mut()
+        .context("init")?
+    {
+        if c["name"] == SIDECAR_CONTAINER {
+            c["volumeMounts"]
+                .as_array_mut()
+                .context("mounts")?
+                .push(json!({"name": "identity", "mountPath": "/var/run/secrets/ferry.dev/identity", "readOnly": true}));
+        }
+    }
+    let images = Images::default().with(SIDECAR_IMAGE, w.bins.sidecar.clone(), "ferry-sidecar");
+    let plan = plan(
+        &serde_json::from_value(with_token)?,
+        SIDECAR_CONTAINER,
+        &images,
+    )?;
+    let dir = tempfile::tempdir()?;
+    let sandbox = Sandbox::prepare(&w.client, &plan, dir.path()).await?;
+    let token_file = sandbox
+        .volume_dir("identity")
+        .context("identity volume")?
+        .join("token");
+    let token = std::fs::read_to_string(&token_file)?;
+    let review: TokenReview = serde_json::from_value(json!({
+        "spec": {"token": token, "audiences": [IDENTITY_AUDIENCE]}
+    }))?;
+    let review = Api::<TokenReview>::all(w.client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    let status = review.status.context("review status")?;
+    println!(
+        "kubelet: the projected token authenticates as {:?}",
+        status.user
+    );
+    ensure!(status.authenticated == Some(true), "{status:?}");
+    let user = status.user.context("user")?;
+    ensure!(user.username.as_deref() == Some(&*format!("system:serviceaccount:{}:default", w.ns)));
+    let extra = user.extra.unwrap_or_default();
+    let bound = extra
+        .get("authentication.kubernetes.io/pod-name")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(bound == ["p1"], "bound to the pod: {extra:?}");
+    let uid = extra
+        .get("authentication.kubernetes.io/pod-uid")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        uid == [plan.uid.clone()],
+        "bound to the pod's uid: {extra:?}"
+    );
+    Ok(())
+}
