@@ -141,7 +141,9 @@ impl E2e {
         Ok(world)
     }
 
-    /// Starts the operator with a webhook certificate and `sidecar.yaml` of its own;
+    /// Starts the operator with a webhook certificate and `sidecar.yaml` of its own, and its
+    /// identity service on the fabric's service address (as the chart runs it by default:
+    /// the injected sidecars get their certificates from it, peer traffic is mutual TLS);
     /// returns the webhook's address and the CA that signed its certificate.
     async fn start_operator(&mut self) -> Result<(SocketAddr, Vec<u8>)> {
         let log = std::fs::File::create(self.dir.path().join("operator.log"))?;
@@ -151,6 +153,11 @@ impl E2e {
         let sidecar_config = self.dir.path().join("sidecar.yaml");
         webhook::write_sidecar_config(&sidecar_config, self.etcd_forwarder.listen)?;
         let webhook = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        // The identity service, where every pod reaches it (the chart's Service).
+        let identity = {
+            let listener = std::net::TcpListener::bind((self.fabric.service_ip(), 0))?;
+            listener.local_addr()?
+        };
         let child = Command::new(&self.bins.operator)
             .args(["--etcd-endpoints", self.cp.etcd_endpoints()])
             .arg("--kubeconfig")
@@ -172,6 +179,8 @@ impl E2e {
             .args(["--webhook-addr", &webhook.to_string()])
             .arg("--sidecar-config")
             .arg(&sidecar_config)
+            .args(["--identity-addr", &identity.to_string()])
+            .args(["--identity-url", &format!("https://{identity}")])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -127,7 +127,8 @@ pub(super) async fn register(client: &Client, ns: &str, addr: SocketAddr, ca: &[
 pub(super) async fn wait_injecting(pods: &Api<Pod>) -> Result<()> {
     let probe: Pod = serde_json::from_value(json!({
         "metadata": {"name": "webhook-probe", "annotations": {INJECT_ANNOTATION: "true"}},
-        "spec": {"containers": [{"name": "app", "image": "app"}]}
+        // The ServiceAccount admission plugin is off here: name the account, as it would.
+        "spec": {"serviceAccountName": super::SERVICE_ACCOUNT, "containers": [{"name": "app", "image": "app"}]}
     }))?;
     let dry_run = PostParams {
         dry_run: true,

@@ -1,15 +1,14 @@
 //! The suite's kubelet against the real API server and webhook: the sidecar process of a
 //! pod has exactly the environment of its injected container (no setting of the harness's
-//! own), its data volume mounted where the container says, and a projected
-//! service-account token is a real token of the pod's service account, bound to the pod,
-//! for the audience the volume names.
+//! own), its data volume mounted where the container says, and the projected
+//! service-account token it reads is a real token of the pod's service account, bound to
+//! the pod, for the audience the volume names.
 
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, ensure};
 use ferry_api::consts::{IDENTITY_AUDIENCE, SIDECAR_CONTAINER};
-use ferry_kind_tests::e2e::{E2e, SIDECAR_IMAGE};
-use ferry_kind_tests::kubelet::{Images, Sandbox, plan};
+use ferry_kind_tests::e2e::E2e;
 use ferry_kind_tests::netns::Zone;
 use k8s_openapi::api::authentication::v1::TokenReview;
 use k8s_openapi::api::core::v1::Pod;
@@ -96,39 +95,25 @@ async fn injected_sidecar_runs_as_its_pod_spec_says() -> Result<()> {
         "the mount is the sidecar's own, not the host's"
     );
 
-    // A projected serviceAccountToken volume: a token of the pod's service account, bound
-    // to the pod, for the volume's audience.
-    let mut with_token = serde_json::to_value(&pod)?;
-    with_token["spec"]["volumes"]
-        .as_array_mut()
-        .context("volumes")?
-        .push(json!({"name": "identity", "projected": {"sources": [
-            {"serviceAccountToken": {"audience": IDENTITY_AUDIENCE, "expirationSeconds": 600, "path": "token"}}
-        ]}}));
-    for c in with_token["spec"]["initContainers"]
-        .as_array_mut()
-        .context("init")?
-    {
-        if c["name"] == SIDECAR_CONTAINER {
-            c["volumeMounts"]
-                .as_array_mut()
-                .context("mounts")?
-                .push(json!({"name": "identity", "mountPath": "/var/run/secrets/ferry.dev/identity", "readOnly": true}));
-        }
-    }
-    let images = Images::default().with(SIDECAR_IMAGE, w.bins.sidecar.clone(), "ferry-sidecar");
-    let plan = plan(
-        &serde_json::from_value(with_token)?,
-        SIDECAR_CONTAINER,
-        &images,
-    )?;
-    let dir = tempfile::tempdir()?;
-    let sandbox = Sandbox::prepare(&w.client, &plan, dir.path()).await?;
-    let token_file = sandbox
-        .volume_dir("identity")
-        .context("identity volume")?
-        .join("token");
-    let token = std::fs::read_to_string(&token_file)?;
+    // The projected serviceAccountToken volume the webhook injects for the sidecar's
+    // identity: what the sidecar reads at its token file is a token of the pod's service
+    // account, bound to the pod, for the volume's audience.
+    let token_file = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "FERRY_IDENTITY_TOKEN_FILE")
+        .and_then(|e| e.value.clone())
+        .context("the webhook injects an identity token file")?;
+    // `/var/run` is a symlink to `/run`, which `/proc/PID/root` would resolve in the
+    // host's root: resolve the mount point's symlinks first (the host has the mount point).
+    let token_file = std::path::Path::new(&token_file);
+    let dir = token_file.parent().context("token dir")?;
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    let name = token_file.file_name().context("token name")?;
+    let seen_at = format!("/proc/{pid}/root{}", dir.join(name).display());
+    let token = std::fs::read_to_string(&seen_at).with_context(|| seen_at.clone())?;
+    let uid = pod.metadata.uid.clone().context("uid")?;
     let review: TokenReview = serde_json::from_value(json!({
         "spec": {"token": token, "audiences": [IDENTITY_AUDIENCE]}
     }))?;
@@ -149,13 +134,10 @@ async fn injected_sidecar_runs_as_its_pod_spec_says() -> Result<()> {
         .cloned()
         .unwrap_or_default();
     ensure!(bound == ["p1"], "bound to the pod: {extra:?}");
-    let uid = extra
+    let bound_uid = extra
         .get("authentication.kubernetes.io/pod-uid")
         .cloned()
         .unwrap_or_default();
-    ensure!(
-        uid == [plan.uid.clone()],
-        "bound to the pod's uid: {extra:?}"
-    );
+    ensure!(bound_uid == [uid], "bound to the pod's uid: {extra:?}");
     Ok(())
 }
