@@ -61,8 +61,13 @@ async fn injected_sidecar_runs_as_its_pod_spec_says() -> Result<()> {
         "$(FERRY_POD_IP) is expanded from status.podIP"
     );
     ensure!(
-        environ.contains(&format!("FERRY_NODE={}-zone-a", w.ns)),
-        "spec.nodeName of the binding"
+        environ.contains(&format!("FERRY_NAMESPACE={}\0", w.ns))
+            && environ.contains("FERRY_POD_NAME=p1\0"),
+        "metadata.namespace and metadata.name of the pod"
+    );
+    ensure!(
+        !running.contains("FERRY_ZONE") && !running.contains("FERRY_NODE"),
+        "the zone comes from the cluster, not from the environment"
     );
 
     // Its data volume is the pod's emptyDir, mounted at the container's mountPath.
