@@ -26,7 +26,12 @@ use super::peer_mtls::{
     client_with, delivered_without_forgeries, forged, publish_batch, tls_channel,
 };
 
-fn as_identity(mesh: &TestMesh, peer: &str, ns: &str, sa: &str) -> anyhow::Result<Channel> {
+pub(super) fn as_identity(
+    mesh: &TestMesh,
+    peer: &str,
+    ns: &str,
+    sa: &str,
+) -> anyhow::Result<Channel> {
     let ca = ferryctl::mesh::identity::ca(mesh.dir.path())?;
     let who = SpiffeId::new(DEFAULT_TRUST_DOMAIN, ns, sa)?;
     let tls = client_with(&ca, ca.cert_pem(), &who, SystemTime::now());
