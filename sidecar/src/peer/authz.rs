@@ -74,6 +74,44 @@ fn same_namespace(caller: &SpiffeId, producer: &str, what: &str) -> Result<(), D
     }
 }
 
+/// The service account the routing table records for pod `producer` (`namespace/pod`).
+fn recorded_account<'a>(table: &'a RoutingTable, producer: &str) -> Option<&'a str> {
+    let (ns, pod) = producer.split_once('/')?;
+    table
+        .members
+        .values()
+        .filter_map(|m| m.get(pod))
+        .find(|m| m.namespace == ns && !m.service_account.is_empty())
+        .map(|m| m.service_account.as_str())
+}
+
+/// Whether `caller` may act as the sidecar `producer` (`namespace/pod`): of its namespace,
+/// of the service account the table records for that pod (when it lists it), and the
+/// identity its copies on this sidecar belong to (`pinned`, `replica/pins.rs`), if any.
+pub fn acts_for(
+    table: &RoutingTable,
+    caller: &SpiffeId,
+    producer: &str,
+    pinned: Option<&str>,
+) -> Result<(), Denied> {
+    same_namespace(caller, producer, "producer")?;
+    if let Some(sa) = recorded_account(table, producer)
+        && sa != caller.service_account
+    {
+        return Err(Denied(format!(
+            "{caller} may not act for {producer:?}, which runs as service account {sa:?}"
+        )));
+    }
+    if let Some(owner) = pinned
+        && owner != caller.to_string()
+    {
+        return Err(Denied(format!(
+            "{caller} may not act for {producer:?}, whose copies here belong to {owner}"
+        )));
+    }
+    Ok(())
+}
+
 fn topic<'a>(table: &'a RoutingTable, name: &str) -> Result<&'a TopicEntry, Denied> {
     table.topics.get(name).ok_or_else(|| {
         Denied(format!(
@@ -107,24 +145,25 @@ pub fn forward(
             "{caller} may not send messages of topic {topic_name:?}"
         )));
     }
-    same_namespace(caller, producer, "producer")
+    acts_for(table, caller, producer, None)
 }
 
-/// A question about a delivery of `producer`.
-pub fn query(caller: &SpiffeId, producer: &str) -> Result<(), Denied> {
-    same_namespace(caller, producer, "producer")
+/// A question about a delivery of `producer`: only that producer may ask.
+pub fn query(table: &RoutingTable, caller: &SpiffeId, producer: &str) -> Result<(), Denied> {
+    acts_for(table, caller, producer, None)
 }
 
 /// Copies or custody of `topic_name`'s messages of `producer`, on this sidecar of
-/// `my_namespace`.
+/// `my_namespace`, where `producer`'s copies belong to `pinned` (if any).
 pub fn holding(
     table: &RoutingTable,
     caller: &SpiffeId,
     my_namespace: &str,
     topic_name: &str,
     producer: &str,
+    pinned: Option<&str>,
 ) -> Result<(), Denied> {
-    same_namespace(caller, producer, "producer")?;
+    acts_for(table, caller, producer, pinned)?;
     if caller.namespace != my_namespace {
         return Err(Denied(format!(
             "{caller} may not place copies on a sidecar of namespace {my_namespace:?}"
@@ -232,12 +271,37 @@ mod tests {
     #[test]
     fn copies_stay_in_the_producers_namespace() {
         let t = table(None);
-        assert!(holding(&t, &id("shop", "a"), "shop", "shop/orders", "shop/p").is_ok());
-        let err = holding(&t, &id("shop", "a"), "bank", "shop/orders", "shop/p").unwrap_err();
+        let a = id("shop", "a");
+        assert!(holding(&t, &a, "shop", "shop/orders", "shop/p", None).is_ok());
+        let err = holding(&t, &a, "bank", "shop/orders", "shop/p", None).unwrap_err();
         assert!(err.0.contains("namespace \"bank\""), "{err}");
-        assert!(holding(&t, &id("shop", "a"), "shop", "shop/orders", "bank/p").is_err());
-        assert!(holding(&t, &id("shop", "a"), "shop", "shop/gone", "shop/p").is_err());
-        assert!(query(&id("shop", "a"), "bank/p").is_err());
-        assert!(query(&id("shop", "a"), "shop/p").is_ok());
+        assert!(holding(&t, &a, "shop", "shop/orders", "bank/p", None).is_err());
+        assert!(holding(&t, &a, "shop", "shop/gone", "shop/p", None).is_err());
+        assert!(query(&t, &a, "bank/p").is_err());
+        assert!(query(&t, &a, "shop/p").is_ok());
+    }
+
+    #[test]
+    fn only_the_producers_own_identity_acts_for_it() {
+        let mut t = table(None);
+        let (a, b) = (id("shop", "a"), id("shop", "b"));
+        // A pod the table lists runs as its recorded service account.
+        let mut p = member("shop", "g", "p", "z", "10.0.0.1:7710");
+        p.service_account = "a".into();
+        t.members
+            .entry("shop/g".into())
+            .or_default()
+            .insert("p".into(), p);
+        assert!(acts_for(&t, &a, "shop/p", None).is_ok());
+        let err = acts_for(&t, &b, "shop/p", None).unwrap_err();
+        assert!(err.0.contains("service account \"a\""), "{err}");
+        assert!(query(&t, &b, "shop/p").is_err());
+        // One in no group: whoever placed its copies here first.
+        let owner = a.to_string();
+        assert!(acts_for(&t, &a, "shop/q", Some(&owner)).is_ok());
+        let err = acts_for(&t, &b, "shop/q", Some(&owner)).unwrap_err();
+        assert!(err.0.contains("belong to"), "{err}");
+        assert!(holding(&t, &b, "shop", "shop/orders", "shop/q", Some(&owner)).is_err());
+        assert!(acts_for(&t, &b, "shop/q", None).is_ok());
     }
 }

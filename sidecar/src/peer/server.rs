@@ -23,6 +23,7 @@ use super::tls::PeerInfo;
 use crate::consumer::{Consumer, Incoming, ReplyTo, rejected};
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::replica::pins::Claim;
 use crate::replica::{Moved, custody, from_wire};
 
 /// Settlements coalesced into one `ForwardResponse`.
@@ -65,7 +66,8 @@ impl PeerService {
         Error::PermissionDenied(denied.to_string()).into()
     }
 
-    /// `authz::holding` for a call by `caller`, if known.
+    /// `authz::holding` for a call by `caller`, if known, against the identity that
+    /// `producer`'s copies here belong to.
     fn check_holding(
         &self,
         rpc: &str,
@@ -74,6 +76,7 @@ impl PeerService {
         producer: &str,
     ) -> Result<(), Status> {
         let Some(caller) = caller else { return Ok(()) };
+        let pinned = self.engine.replicas.pins().get(producer)?;
         let table = self.engine.table();
         authz::holding(
             &table,
@@ -81,8 +84,30 @@ impl PeerService {
             &self.engine.identity.namespace,
             topic,
             producer,
+            pinned.as_deref(),
         )
         .map_err(|d| self.deny(rpc, caller, d))
+    }
+
+    /// Gives `producer`'s copies here to `caller` (the first to place any), or refuses a
+    /// caller they do not belong to.
+    fn claim(&self, caller: Option<&SpiffeId>, producer: &str) -> Result<(), Status> {
+        let Some(caller) = caller else { return Ok(()) };
+        match self
+            .engine
+            .replicas
+            .pins()
+            .claim(producer, &caller.to_string())?
+        {
+            Claim::Granted => Ok(()),
+            Claim::Taken(owner) => Err(self.deny(
+                "Replicate",
+                caller,
+                authz::Denied(format!(
+                    "{caller} may not act for {producer:?}, whose copies here belong to {owner}"
+                )),
+            )),
+        }
     }
 }
 
@@ -180,7 +205,7 @@ impl Peer for PeerService {
         request: Request<QueryDeliveryRequest>,
     ) -> Result<Response<QueryDeliveryResponse>, Status> {
         if let Some(caller) = caller(&request) {
-            authz::query(&caller, &request.get_ref().producer)
+            authz::query(&self.engine.table(), &caller, &request.get_ref().producer)
                 .map_err(|d| self.deny("QueryDelivery", &caller, d))?;
         }
         let state = self.consumer.query(request.get_ref());
@@ -198,6 +223,9 @@ impl Peer for PeerService {
         self.check_holding("Replicate", caller.as_ref(), &r.topic, &r.producer)?;
         if !self.engine.table().topics.contains_key(&r.topic) && !r.copies.is_empty() {
             return Err(Error::UnknownTopic(r.topic).into());
+        }
+        if !r.copies.is_empty() {
+            self.claim(caller.as_ref(), &r.producer)?;
         }
         let replicas = self.engine.replicas.clone();
         let topic = r.topic.clone();

@@ -27,6 +27,7 @@ use ferry_api::proto::v1::SubscriptionSettled;
 
 use super::Moved;
 use super::early::Early;
+use super::pins::Pins;
 use crate::error::Error;
 use crate::log::{DiskLog, DiskLogConfig, Log, Offset, StoredMessage};
 
@@ -91,6 +92,7 @@ pub struct HeldSummary {
 pub struct ReplicaLogs {
     root: PathBuf,
     logs: Mutex<Logs>,
+    pins: Pins,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
@@ -113,9 +115,15 @@ impl ReplicaLogs {
     /// Replica logs under `root` (opened lazily; [`ReplicaLogs::open_existing`] reopens).
     pub fn new(root: PathBuf) -> Self {
         Self {
+            pins: Pins::new(root.clone()),
             root,
             logs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Which identity each producer's copies belong to (`pins.rs`).
+    pub fn pins(&self) -> &Pins {
+        &self.pins
     }
 
     fn dir(&self, producer: &str, topic: &str) -> Result<PathBuf, Error> {

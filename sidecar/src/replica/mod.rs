@@ -70,6 +70,7 @@ pub mod custody;
 pub mod early;
 pub mod handoff;
 pub mod holder;
+pub mod pins;
 pub mod replicator;
 pub mod takeover;
 pub mod trims;
