@@ -44,6 +44,14 @@ pub const CONVERGE: Duration = Duration::from_secs(60);
 /// [`E2e::new`]) rather than silently testing something else.
 pub const REMOTE_KUBECONFIG_ENV: &str = "FERRY_E2E_KUBECONFIG";
 
+/// How a world's operator differs from the chart's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Lifetime of the sidecars' workload certificates (`--workload-cert-ttl`, default
+    /// 24 h); the sidecars renew at half of it.
+    pub workload_cert_ttl: Option<Duration>,
+}
+
 /// The world of one end-to-end test.
 pub struct E2e {
     pub cp: &'static ControlPlane,
@@ -69,6 +77,11 @@ impl E2e {
     /// (watching that namespace only, with its own Lease and fencing key, serving the
     /// webhook) and registers its webhook for the namespace, waiting until it injects.
     pub async fn new(name: &str) -> Result<Self> {
+        Self::with(name, Options::default()).await
+    }
+
+    /// [`E2e::new`] with `options` for the operator.
+    pub async fn with(name: &str, options: Options) -> Result<Self> {
         if let Some(kubeconfig) = std::env::var_os(REMOTE_KUBECONFIG_ENV) {
             bail!(
                 "{REMOTE_KUBECONFIG_ENV}={} is set, but this suite runs its pods as network \
@@ -130,7 +143,7 @@ impl E2e {
             apps: Vec::new(),
             next_app: 0,
         };
-        let (webhook, ca) = world.start_operator().await?;
+        let (webhook, ca) = world.start_operator(&options).await?;
         webhook::register(&world.client, &world.ns, webhook, &ca).await?;
         webhook::wait_injecting(&world.api::<Pod>()).await?;
         println!(
@@ -145,7 +158,7 @@ impl E2e {
     /// identity service on the fabric's service address (as the chart runs it by default:
     /// the injected sidecars get their certificates from it, peer traffic is mutual TLS);
     /// returns the webhook's address and the CA that signed its certificate.
-    async fn start_operator(&mut self) -> Result<(SocketAddr, Vec<u8>)> {
+    async fn start_operator(&mut self, options: &Options) -> Result<(SocketAddr, Vec<u8>)> {
         let log = std::fs::File::create(self.dir.path().join("operator.log"))?;
         let metrics = free_port()?;
         let webhook_dir = self.dir.path().join("webhook");
@@ -158,6 +171,9 @@ impl E2e {
             let listener = std::net::TcpListener::bind((self.fabric.service_ip(), 0))?;
             listener.local_addr()?
         };
+        let ttl = options
+            .workload_cert_ttl
+            .map_or_else(|| "24h".to_owned(), |d| format!("{}s", d.as_secs()));
         let child = Command::new(&self.bins.operator)
             .args(["--etcd-endpoints", self.cp.etcd_endpoints()])
             .arg("--kubeconfig")
@@ -181,6 +197,7 @@ impl E2e {
             .arg(&sidecar_config)
             .args(["--identity-addr", &identity.to_string()])
             .args(["--identity-url", &format!("https://{identity}")])
+            .args(["--workload-cert-ttl", &ttl])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

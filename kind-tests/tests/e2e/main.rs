@@ -11,7 +11,9 @@
 //! - `churn`: row 21, pods flip Ready, get deleted and recreated with new IPs under load;
 //! - `partition`: row 11, zone-a cut from zone-b;
 //! - `flaky`: row 13, random loss and a delay proxy on the peer links;
-//! - `kubelet`: the sidecar process is what the injected container says, and nothing else.
+//! - `kubelet`: the sidecar process is what the injected container says, and nothing else;
+//! - `rotation`: workload certificates renewed by every sidecar under load (one-minute
+//!   certificates), over mutual TLS, nothing lost and no handshake refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,5 +22,6 @@ mod examples;
 mod flaky;
 mod kubelet;
 mod partition;
+mod rotation;
 mod support;
 mod zones;
