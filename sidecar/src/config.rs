@@ -141,6 +141,11 @@ pub struct Config {
     /// the service's answers bring the mesh's current bundle.
     #[arg(long, env = "FERRY_IDENTITY_TRUST_ANCHORS", hide_env_values = true)]
     pub identity_trust_anchors: Option<String>,
+    /// Lets an embedding program (the in-process tests) run the peer port in plaintext,
+    /// with no caller known and nothing authorized. No flag or variable sets it: the
+    /// `ferry-sidecar` binary always needs `--tls-dir` or `--identity-url`.
+    #[arg(skip)]
+    pub plaintext_peers_in_process: bool,
     /// The pod's projected service-account token for the audience `ferry.dev/identity`.
     #[arg(long, env = "FERRY_IDENTITY_TOKEN_FILE", default_value = IDENTITY_TOKEN_PATH)]
     pub identity_token_file: PathBuf,
@@ -180,6 +185,7 @@ impl Config {
             identity_server: None,
             identity_trust_anchors: None,
             identity_token_file: IDENTITY_TOKEN_PATH.into(),
+            plaintext_peers_in_process: true,
             drain_on_stdin_eof: false,
             pod_record_wait: Duration::from_secs(10),
         }

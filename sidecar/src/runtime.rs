@@ -205,11 +205,16 @@ impl Sidecar {
                 let (tls, source) = certify(&config, url).await?;
                 Some((tls, Renewal::Operator(source)))
             }
-            (None, None) => {
+            (None, None) if config.plaintext_peers_in_process => {
                 tracing::warn!(
-                    "the peer port is plaintext (no --tls-dir, no --identity-url): peers are neither authenticated nor authorized"
+                    "the peer port is plaintext (embedded without credentials): peers are neither authenticated nor authorized"
                 );
                 None
+            }
+            (None, None) => {
+                return Err(Error::Config(
+                    "--tls-dir or --identity-url is required: the peer port speaks mutual TLS only, with this pod's workload certificate (the webhook sets --identity-url; `ferryctl dev` sets --tls-dir)".into(),
+                ));
             }
         };
         let app_grpc = bind("app-grpc-addr", config.app_grpc_addr).await?;

@@ -242,3 +242,39 @@ async fn peers_without_a_valid_certificate_get_nothing() -> anyhow::Result<()> {
     consumer.abort();
     Ok(())
 }
+
+/// No plaintext fallback: the sidecar binary refuses to start without a certificate source,
+/// and says which settings give it one.
+#[tokio::test]
+async fn a_sidecar_without_credentials_does_not_start() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let any = "127.0.0.1:0";
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(ferry_sidecar_tests::harness::sidecar_bin()?)
+            .args(["--pod-name", "p", "--namespace", "default"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--app-grpc-addr", any, "--app-http-addr", any])
+            .args(["--peer-addr", any, "--admin-addr", any])
+            .args(["--etcd-endpoints", "http://127.0.0.1:9"])
+            .env_remove("FERRY_TLS_DIR")
+            .env_remove("FERRY_IDENTITY_URL")
+            .env("NO_COLOR", "1")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "peer_mtls: no credentials -> exit {:?}: {}",
+        out.status.code(),
+        stderr.trim()
+    );
+    assert!(!out.status.success(), "it started without credentials");
+    assert!(
+        stderr.contains("--tls-dir or --identity-url is required"),
+        "{stderr}"
+    );
+    Ok(())
+}

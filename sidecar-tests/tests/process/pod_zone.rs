@@ -60,6 +60,8 @@ impl EtcdSidecar {
             .args(["--advertise-addr", &e.peer.to_string()])
             .args(["--admin-addr", &e.admin.to_string()])
             .args(["--etcd-endpoints", etcd])
+            .arg("--tls-dir")
+            .arg(&spec.tls_dir)
             .args(["--shutdown-grace", "2s"])
             .arg("--drain-on-stdin-eof")
             .env_remove("FERRY_ZONE")
@@ -266,6 +268,7 @@ async fn a_sidecar_without_a_zone_setting_learns_it_from_its_pod_record() -> Res
     let local_pods = parse_pods(Path::new("<test pods>"), &pods(&ns))?;
     let dir = tempfile::tempdir()?;
     let specs = plan(&local_pods, next_subnet(), dir.path())?;
+    ferryctl::mesh::identity::issue_all(dir.path(), &specs)?;
     let (table, problems) = build_table(&manifests, &local_pods, |p| peer_address(&specs, p), 1);
     anyhow::ensure!(problems.is_empty(), "{problems:?}");
     // The table as the operator writes it, without the pod records.

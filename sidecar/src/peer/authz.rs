@@ -21,8 +21,9 @@
 //!   messages never leave its namespace), that namespace must be allowed to publish to the
 //!   topic, and the caller must be allowed to publish to it or be a group member. A `Held` probe (no topic) reveals nothing and is open to any peer.
 //!
-//! A sidecar whose peer port is plaintext (no `--tls-dir`) knows no caller and checks
-//! nothing; it says so when it starts.
+//! The `ferry-sidecar` binary always has a certificate (`--tls-dir` or `--identity-url`,
+//! else it does not start); only a sidecar embedded in process without credentials (the
+//! in-process tests) has a plaintext peer port, which knows no caller and checks nothing.
 
 use ferry_api::identity::SpiffeId;
 use ferry_api::routing::{RoutingTable, TopicEntry};
