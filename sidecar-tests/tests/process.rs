@@ -32,6 +32,7 @@ mod process {
     pub mod ordering;
     pub mod peer_authz;
     pub mod peer_mtls;
+    pub mod peer_replica_limit;
     pub mod peer_settlements;
     pub mod pod_zone;
     pub mod power_loss;
