@@ -14,6 +14,8 @@ use crate::error::Error;
 /// Default of `--dedup-max-ids`: 2 minutes of ids at about 2,000 messages per second, about
 /// 40 MiB at the limit.
 pub const DEFAULT_DEDUP_MAX_IDS: usize = 1 << 18;
+/// Default of `--replica-max-bytes`: the CRD's default `retention.maxBytes` (1Gi).
+pub const DEFAULT_REPLICA_MAX_BYTES: u64 = 1 << 30;
 /// Default of `--ordered-max-keys`: about 10 MiB of keys per ordered topic at the limit.
 pub const DEFAULT_ORDERED_MAX_KEYS: usize = 100_000;
 /// Default of `--max-unconfirmed-publishes`.
@@ -115,6 +117,12 @@ pub struct Config {
     /// duplicates when a producer was only cut off for a while.
     #[arg(long, env = "FERRY_REPLICA_TAKEOVER_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub replica_takeover_after: Duration,
+    /// Most bytes of unsettled copies this sidecar holds as a replica per producer and
+    /// topic when the topic's routing entry has no `retention.maxBytes` (0); otherwise that
+    /// limit applies. Past it a `Replicate` gets RESOURCE_EXHAUSTED
+    /// (`ferry_sidecar_replica_full_total`), so that no peer can fill this pod's disk.
+    #[arg(long, env = "FERRY_REPLICA_MAX_BYTES", default_value_t = DEFAULT_REPLICA_MAX_BYTES)]
+    pub replica_max_bytes: u64,
     /// Drain and exit, as on SIGTERM, once stdin reaches end of file. For a supervisor that
     /// runs the sidecar as its child with a pipe on its stdin (`ferryctl dev`, the process
     /// tests): the pipe closes when the supervisor dies, even by `kill -9`, so its sidecars
@@ -180,6 +188,7 @@ impl Config {
             ordered_max_keys: DEFAULT_ORDERED_MAX_KEYS,
             max_unconfirmed_publishes: DEFAULT_MAX_UNCONFIRMED_PUBLISHES,
             replica_takeover_after: Duration::from_secs(60),
+            replica_max_bytes: DEFAULT_REPLICA_MAX_BYTES,
             tls_dir: None,
             identity_url: None,
             identity_server: None,

@@ -99,6 +99,8 @@ pub struct Metrics {
     /// Copies held here as a replica that one subscription settled (per-subscription
     /// trims applied): a takeover does not deliver them to that subscription.
     pub replica_settled: Family<TopicLabels, Counter>,
+    /// `Replicate` calls refused because the copies would pass the topic's retention.
+    pub replica_full: Family<TopicLabels, Counter>,
     /// Messages a restarted producer took back from its replicas.
     pub relearned: Family<TopicLabels, Counter>,
     /// 1 while the routing source can be read (a live etcd watch; always 1 for a file or
@@ -177,6 +179,7 @@ impl Metrics {
             handed_off: Family::default(),
             taken_over: Family::default(),
             replica_settled: Family::default(),
+            replica_full: Family::default(),
             relearned: Family::default(),
             routing_source_connected: Gauge::default(),
             routing_revision: Gauge::default(),
@@ -305,6 +308,11 @@ impl Metrics {
             "replica_settled",
             "Copies held as a replica that one subscription settled (a takeover does not deliver them to it)",
             m.replica_settled.clone(),
+        );
+        registry.register(
+            "replica_full",
+            "Replicate calls refused: the producer's copies here would pass the topic's retention.maxBytes",
+            m.replica_full.clone(),
         );
         registry.register(
             "relearned",

@@ -229,9 +229,14 @@ impl Peer for PeerService {
         }
         let replicas = self.engine.replicas.clone();
         let topic = r.topic.clone();
+        let max_bytes = match self.engine.table().topics.get(&r.topic) {
+            Some(t) if t.retention_max_bytes > 0 => t.retention_max_bytes,
+            _ => self.engine.config.replica_max_bytes,
+        };
         let done = tokio::task::spawn_blocking(move || {
             let copies = r.copies.into_iter().map(from_wire).collect();
-            replicas.replicate(
+            replicas.replicate_within(
+                max_bytes,
                 &r.producer,
                 &r.producer_address,
                 &r.topic,
@@ -242,7 +247,20 @@ impl Peer for PeerService {
             )
         })
         .await
-        .map_err(blocking_failed)??;
+        .map_err(blocking_failed)?;
+        let done = match done {
+            Ok(done) => done,
+            Err(e @ Error::BacklogFull { .. }) => {
+                self.engine
+                    .metrics
+                    .replica_full
+                    .get_or_create(&crate::metrics::Metrics::topic(&topic))
+                    .inc();
+                tracing::warn!(%topic, error = %e, "copies refused: the replica is full");
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         if done.settled_by_subscription > 0 {
             self.engine
                 .metrics

@@ -29,6 +29,7 @@ use super::Moved;
 use super::early::Early;
 use super::pins::Pins;
 use crate::error::Error;
+use crate::log::record::message_record_len;
 use crate::log::{DiskLog, DiskLogConfig, Log, Offset, StoredMessage};
 
 /// The subscription of a replica log that every copy has: the copy is still needed.
@@ -202,12 +203,42 @@ impl ReplicaLogs {
         }
     }
 
-    /// Drops the copies of `trims`, stores `copies`, then marks the copies named by
-    /// `settled_by` settled by those subscriptions, all fsynced before returning. A request
-    /// with trims only for a producer and topic never seen creates nothing.
+    /// [`ReplicaLogs::replicate_within`] with no size limit.
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     pub fn replicate(
         &self,
+        producer: &str,
+        address: &str,
+        topic: &str,
+        incarnation: u64,
+        copies: Vec<StoredMessage>,
+        trims: &[String],
+        settled_by: &[SubscriptionSettled],
+    ) -> Result<Replicated, Error> {
+        self.replicate_within(
+            u64::MAX,
+            producer,
+            address,
+            topic,
+            incarnation,
+            copies,
+            trims,
+            settled_by,
+        )
+    }
+
+    /// Drops the copies of `trims`, stores `copies`, then marks the copies named by
+    /// `settled_by` settled by those subscriptions, all fsynced before returning. A request
+    /// with trims only for a producer and topic never seen creates nothing. Copies that
+    /// would take the unsettled bytes held for this producer and topic past `max_bytes`
+    /// (the topic's `retention.maxBytes`, measured as the producer measures its backlog)
+    /// are refused whole with `BacklogFull` after the trims are applied; nothing of them
+    /// is stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn replicate_within(
+        &self,
+        max_bytes: u64,
         producer: &str,
         address: &str,
         topic: &str,
@@ -257,6 +288,20 @@ impl ReplicaLogs {
                     m
                 })
                 .collect();
+            let bytes: u64 = copies.iter().map(|m| message_record_len(m) as u64).sum();
+            let current = c.log.backlog_bytes();
+            if current.saturating_add(bytes) > max_bytes {
+                if changed {
+                    c.log.sync().map_err(|e| Error::from_log(topic, e))?;
+                }
+                return Err(Error::BacklogFull {
+                    topic: topic.to_owned(),
+                    limit: format!(
+                        "retention.maxBytes = {max_bytes} bytes of copies of producer {producer} on this replica"
+                    ),
+                    current,
+                });
+            }
             let range = c
                 .log
                 .append(&copies)

@@ -218,3 +218,19 @@ fn a_subscription_that_settles_before_the_copy_comes_is_applied_when_it_does() {
         [(msg(0).id, vec![]), (msg(1).id, vec!["ns/a".to_owned()])]
     );
 }
+
+#[test]
+fn copies_past_the_limit_are_refused_whole_and_trims_free_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = ReplicaLogs::new(dir.path().join("replicas"));
+    let one = message_record_len(&msg(0)) as u64 + 64;
+    let within =
+        |copies, trims: &[String]| logs.replicate_within(3 * one, P, "", T, 1, copies, trims, &[]);
+    assert_eq!(within(vec![msg(0), msg(1)], &[]).unwrap().held, 2);
+    let err = within(vec![msg(2), msg(3)], &[]).unwrap_err();
+    assert!(matches!(err, Error::BacklogFull { .. }), "{err}");
+    assert!(err.to_string().contains(T), "{err}");
+    assert_eq!(logs.held(P, T, 0, 0, usize::MAX).unwrap().copies.len(), 2);
+    // A trim in the same request makes room first.
+    assert_eq!(within(vec![msg(2), msg(3)], &[msg(0).id]).unwrap().held, 3);
+}
