@@ -68,7 +68,7 @@ async fn copies_past_retention_are_refused() -> anyhow::Result<()> {
     // The workers' identity, as a producer name it invents.
     let channel = as_identity(&mesh, &worker.peer.to_string(), "default", "default")?;
     let mut client = PeerClient::new(channel);
-    let request = |call: u32, copies: Vec<PeerMessage>| ReplicateRequest {
+    let request = |copies: Vec<PeerMessage>| ReplicateRequest {
         producer: "default/filler-0".into(),
         producer_address: "127.0.0.1:1".into(),
         topic: TOPIC.into(),
@@ -79,7 +79,7 @@ async fn copies_past_retention_are_refused() -> anyhow::Result<()> {
     let (mut forged, mut refused, mut accepted_bytes, mut held) = (0u32, 0u32, 0u64, 0u64);
     for call in 0..24 {
         forged += 1;
-        match client.replicate(request(call, copies(call))).await {
+        match client.replicate(request(copies(call))).await {
             Ok(r) => {
                 accepted_bytes += 2 * COPY_BYTES as u64;
                 held = r.into_inner().held;
@@ -106,7 +106,7 @@ async fn copies_past_retention_are_refused() -> anyhow::Result<()> {
     }
     // What the replica holds for the name after the refusals: a call with no copies.
     let after = client
-        .replicate(request(99, Vec::new()))
+        .replicate(request(Vec::new()))
         .await?
         .into_inner()
         .held;
