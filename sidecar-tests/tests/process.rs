@@ -31,6 +31,7 @@ mod process {
     pub mod nack_delay;
     pub mod ordering;
     pub mod peer_authz;
+    pub mod peer_holding;
     pub mod peer_mtls;
     pub mod peer_replica_limit;
     pub mod peer_settlements;
