@@ -154,20 +154,39 @@ pub fn query(table: &RoutingTable, caller: &SpiffeId, producer: &str) -> Result<
     acts_for(table, caller, producer, None)
 }
 
-/// Copies or custody of `topic_name`'s messages of `producer`, on this sidecar of
-/// `my_namespace`, where `producer`'s copies belong to `pinned` (if any).
+/// Whether the table lists sidecar `me` (`namespace/pod`) as a member of some group, with
+/// an address: what the replica chooser picks from (`replica/choose.rs`).
+fn is_listed(table: &RoutingTable, me: &str) -> bool {
+    let Some((ns, pod)) = me.split_once('/') else {
+        return false;
+    };
+    table
+        .members
+        .values()
+        .filter_map(|m| m.get(pod))
+        .any(|m| m.namespace == ns && !m.address.is_empty())
+}
+
+/// Copies or custody of `topic_name`'s messages of `producer`, on this sidecar `me`
+/// (`namespace/pod`), where `producer`'s copies belong to `pinned` (if any).
 pub fn holding(
     table: &RoutingTable,
     caller: &SpiffeId,
-    my_namespace: &str,
+    me: &str,
     topic_name: &str,
     producer: &str,
     pinned: Option<&str>,
 ) -> Result<(), Denied> {
     acts_for(table, caller, producer, pinned)?;
+    let my_namespace = namespace_of(me);
     if caller.namespace != my_namespace {
         return Err(Denied(format!(
             "{caller} may not place copies on a sidecar of namespace {my_namespace:?}"
+        )));
+    }
+    if !is_listed(table, me) {
+        return Err(Denied(format!(
+            "sidecar {me:?} is a member of no group: the routing table gives it no copies or custody"
         )));
     }
     let topic = topic(table, topic_name)?;
@@ -271,13 +290,19 @@ mod tests {
 
     #[test]
     fn copies_stay_in_the_producers_namespace() {
-        let t = table(None);
+        let mut t = table(None);
         let a = id("shop", "a");
-        assert!(holding(&t, &a, "shop", "shop/orders", "shop/p", None).is_ok());
-        let err = holding(&t, &a, "bank", "shop/orders", "shop/p", None).unwrap_err();
+        let err = holding(&t, &a, "shop/me", "shop/orders", "shop/p", None).unwrap_err();
+        assert!(err.0.contains("member of no group"), "{err}");
+        t.members
+            .entry("shop/g".into())
+            .or_default()
+            .insert("me".into(), member("shop", "g", "me", "z", "10.0.0.2:7710"));
+        assert!(holding(&t, &a, "shop/me", "shop/orders", "shop/p", None).is_ok());
+        let err = holding(&t, &a, "bank/me", "shop/orders", "shop/p", None).unwrap_err();
         assert!(err.0.contains("namespace \"bank\""), "{err}");
-        assert!(holding(&t, &a, "shop", "shop/orders", "bank/p", None).is_err());
-        assert!(holding(&t, &a, "shop", "shop/gone", "shop/p", None).is_err());
+        assert!(holding(&t, &a, "shop/me", "shop/orders", "bank/p", None).is_err());
+        assert!(holding(&t, &a, "shop/me", "shop/gone", "shop/p", None).is_err());
         assert!(query(&t, &a, "bank/p").is_err());
         assert!(query(&t, &a, "shop/p").is_ok());
     }
@@ -302,7 +327,7 @@ mod tests {
         assert!(acts_for(&t, &a, "shop/q", Some(&owner)).is_ok());
         let err = acts_for(&t, &b, "shop/q", Some(&owner)).unwrap_err();
         assert!(err.0.contains("belong to"), "{err}");
-        assert!(holding(&t, &b, "shop", "shop/orders", "shop/q", Some(&owner)).is_err());
+        assert!(holding(&t, &b, "shop/p", "shop/orders", "shop/q", Some(&owner)).is_err());
         assert!(acts_for(&t, &b, "shop/q", None).is_ok());
     }
 }

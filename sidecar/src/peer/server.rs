@@ -81,7 +81,7 @@ impl PeerService {
         authz::holding(
             &table,
             caller,
-            &self.engine.identity.namespace,
+            &self.engine.identity.producer_id,
             topic,
             producer,
             pinned.as_deref(),
