@@ -21,9 +21,14 @@
 //! operator reads the node's `topology.kubernetes.io/zone` label, which no container can
 //! see, and a sidecar watches only its own record (see [`RoutingTable::pods`]).
 //!
+//! [`scope`] cuts the part of the table one pod needs: what the operator's routing service
+//! serves each sidecar.
+//!
 //! Values hold resolved settings (durations in milliseconds, sizes in bytes, the topic of a
 //! subscription as `namespace/name`), computed once by [`TopicEntry::from_topic`] and its
 //! siblings, so that no sidecar parses a CR field again.
+
+pub mod scope;
 
 use std::collections::BTreeMap;
 
