@@ -4,22 +4,36 @@
 //! request claims; the claims a request makes (its producer, the topic, the subscription)
 //! are checked against that identity and the routing table:
 //!
+//! - **Who a call acts for** (`acts_for`): a request names its producer (`namespace/pod`)
+//!   itself; it must be of the caller's namespace and, when the table lists that pod, of
+//!   the service account its member record gives. A producer in no group has no record: on
+//!   a replica, its copies belong to the identity that placed the first ones
+//!   (`replica/pins.rs`). Identity is per service account: pods sharing one are one caller.
 //! - **Forward**: the subscription must exist and be of the delivery's topic, and the
 //!   caller must be allowed to send that topic's messages: its service account is on the
 //!   Topic's `allowedPublishers` (with no list, any of the topic's namespace), or it is a
 //!   group member (the table lists a member pod of its namespace and service account) of a
 //!   namespace that may publish to the topic: that is where a producer's copies and custody
 //!   go (replicas and handoff peers are group members of the producer's own namespace,
-//!   `replica/choose.rs`), and a custodian forwards what it took over. The producer the delivery names must be of the
-//!   caller's namespace. That this pod is a member of the subscription's group is checked
-//!   by the consumer (`consumer::accept`). A refused delivery is answered `REJECTED` with
-//!   the reason and never reaches the app.
-//! - **QueryDelivery**: only a sidecar of the producer's namespace may ask about its
-//!   deliveries.
+//!   `replica/choose.rs`), and a custodian forwards what it took over. The producer the
+//!   delivery names must be one the caller acts for, so that no caller takes over the
+//!   stream another producer's settlements go back on. That this pod is a member of the
+//!   subscription's group is checked by the consumer (`consumer::accept`). A refused
+//!   delivery is answered `REJECTED` with the reason and never reaches the app.
+//! - **QueryDelivery**: only the producer of a delivery may ask about it.
 //! - **Replicate, Held, TakeCustody**: the producer (or the handing-off sidecar) named must
-//!   be of the caller's namespace, which must be this sidecar's own (copies of a tenant's
-//!   messages never leave its namespace), that namespace must be allowed to publish to the
-//!   topic, and the caller must be allowed to publish to it or be a group member. A `Held` probe (no topic) reveals nothing and is open to any peer.
+//!   be one the caller acts for, of this sidecar's own namespace (copies of a tenant's
+//!   messages never leave it); this sidecar must be a member of some group (what the replica
+//!   chooser picks from: a pod in no group holds nothing, so it takes nothing and shows
+//!   nothing); the namespace must be allowed to publish to the topic, and the caller must be
+//!   allowed to publish to it or be a group member. A `Held` probe (no topic) reveals
+//!   nothing and is open to any peer. A replica's size is bounded apart from this
+//!   (`replica/holder.rs`: the topic's `retention.maxBytes` per producer).
+//! - **Settlements** on the producer side need no check here: the producer dials each
+//!   member and accepts only the identity the table gives it (`expect.rs`), and applies a
+//!   settlement or query answer only to a delivery it sent on that link
+//!   (`delivery/dispatcher/events.rs`, `find_in_flight`); a replica's trims count only from
+//!   the producer's identity (above).
 //!
 //! The `ferry-sidecar` binary always has a certificate (`--tls-dir` or `--identity-url`,
 //! else it does not start); only a sidecar embedded in process without credentials (the

@@ -57,10 +57,13 @@
 //! subscriptions do not see these duplicates: the consuming side remembers the message ids
 //! its app acked, whoever sends them again (`consumer/acked_ids.rs`).
 //!
-//! Who may call: with peer mTLS, `Replicate`, `Held` and `TakeCustody` are accepted only
-//! from the producer's own namespace, on a sidecar of that namespace (`peer/authz.rs`);
-//! replicas and handoff peers are chosen there (`choose.rs`). A plaintext peer port checks
-//! nothing.
+//! Who may call: with peer mTLS, `Replicate`, `Held` and `TakeCustody` act only for the
+//! caller's own pod (the service account its member record gives, or for a producer in no
+//! group the identity that placed its first copies here, `pins.rs`), of this sidecar's own
+//! namespace, on a sidecar that is a member of some group, as the replica chooser picks
+//! them (`choose.rs`, `peer/authz.rs`). A replica holds at most the topic's
+//! `retention.maxBytes` of unsettled copies per producer (`--replica-max-bytes` for an
+//! entry without one); more gets RESOURCE_EXHAUSTED (`holder.rs`).
 //!
 //! Not covered: a copy read back from a replica with a bad CRC is reported by the log like
 //! any corrupt record (no refetch from another replica yet).
