@@ -29,6 +29,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::parse();
+    // Watch SIGTERM before anything else: one that comes right after the ready line must
+    // drain, not kill.
+    let stop = ferry_sidecar::shutdown::requested(config.drain_on_stdin_eof);
     // Test builds: failpoints named in FAILPOINTS (e.g. `consumer::acked_persisted=return`).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -38,7 +41,6 @@ async fn main() -> anyhow::Result<()> {
         ferry_sidecar::log::powerloss::simulate(&config.data_dir)
             .context("simulating a power loss")?;
     }
-    let watch_stdin = config.drain_on_stdin_eof;
     let mut status = None;
     let source: Box<dyn RoutingSource> = match &config.routing_file {
         Some(path) => Box::new(FileSource::new(path.clone())),
@@ -67,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the sidecar")?;
     println!("{}", running.ready_line());
-    ferry_sidecar::shutdown::requested(watch_stdin).await;
+    stop.await;
     running.shutdown();
     running.wait().await.context("shutting down")?;
     Ok(())

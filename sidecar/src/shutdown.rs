@@ -16,40 +16,78 @@ use crate::engine::Engine;
 /// Share of the grace period spent draining before the backlog is handed to a peer.
 pub const DRAIN_SHARE: f64 = 0.6;
 
-/// Waits for SIGTERM or SIGINT.
-pub async fn signal() {
+/// SIGTERM and SIGINT, watched from the moment this is made: a signal that arrives before
+/// anyone awaits it is kept, not left to its default action (which would end the process
+/// without a drain: a supervisor that signals as soon as the ready line is printed must
+/// get a clean stop).
+#[derive(Debug)]
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM: draining"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Starts watching now. Must be called inside the runtime.
+    pub fn watch() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let watch = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch {name}");
+                    None
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the sidecar");
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            Self {
+                term: watch(SignalKind::terminate(), "SIGTERM"),
+                int: watch(SignalKind::interrupt(), "SIGINT"),
             }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Waits for SIGTERM or SIGINT.
+    pub async fn recv(mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.term) => tracing::info!("SIGTERM: draining"),
+                () = next(&mut self.int) => tracing::info!("SIGINT: draining"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
-/// Waits for SIGTERM or SIGINT, or, with `watch_stdin`, for stdin to reach end of file
-/// (`--drain-on-stdin-eof`: the supervisor holding the other end of the pipe is gone).
-pub async fn requested(watch_stdin: bool) {
-    if watch_stdin {
-        tokio::select! {
-            () = signal() => {}
-            () = stdin_closed() => tracing::info!("stdin closed: draining"),
+/// Waits for SIGTERM or SIGINT (watched from the call on), or, with `watch_stdin`, for
+/// stdin to reach end of file (`--drain-on-stdin-eof`: the supervisor holding the other end
+/// of the pipe is gone).
+pub fn requested(watch_stdin: bool) -> impl std::future::Future<Output = ()> {
+    let signals = Signals::watch();
+    async move {
+        if watch_stdin {
+            tokio::select! {
+                () = signals.recv() => {}
+                () = stdin_closed() => tracing::info!("stdin closed: draining"),
+            }
+        } else {
+            signals.recv().await;
         }
-    } else {
-        signal().await;
     }
 }
 
