@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ferry/v1/app.proto",
         "proto/ferry/v1/peer.proto",
         "proto/ferry/v1/identity.proto",
+        "proto/ferry/v1/routing.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

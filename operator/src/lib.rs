@@ -31,6 +31,7 @@ pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod routing;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -101,7 +102,16 @@ pub async fn spawn(config: Config, shutdown: CancellationToken) -> Result<Runnin
         health.clone(),
         shutdown.clone(),
     ));
-    let identity = identity::service::start(&config, client.clone(), shutdown.clone()).await?;
+    // Every replica follows the routing table for the routing service, leader or not.
+    let routing = config.workload_identity.identity_addr.map(|_| {
+        routing::follow::spawn(
+            config.etcd_endpoints.clone(),
+            config.etcd_timeout,
+            shutdown.clone(),
+        )
+    });
+    let identity =
+        identity::service::start(&config, client.clone(), routing, shutdown.clone()).await?;
     let published = identity.as_ref().map(|s| s.published.clone());
     let (webhook_addr, webhook) = match &config.webhook_cert_dir {
         Some(dir) => {

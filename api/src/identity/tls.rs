@@ -270,6 +270,8 @@ fn check_identity(end_entity: &CertificateDer<'_>, expect: &Expect) -> Result<()
 struct PeerVerifier {
     bundle: Arc<TrustBundle>,
     expect: Expect,
+    /// Whether a client without a certificate is refused at the handshake.
+    mandatory: bool,
 }
 
 impl PeerVerifier {
@@ -310,6 +312,10 @@ impl PeerVerifier {
 }
 
 impl ClientCertVerifier for PeerVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Hints are optional; every peer has exactly one certificate to offer.
         &[]
@@ -412,6 +418,7 @@ impl PeerTls {
         let verifier = PeerVerifier {
             bundle: self.bundle.clone(),
             expect: Expect::TrustDomain(self.credentials.identity().trust_domain),
+            mandatory: true,
         };
         let mut config = ServerConfig::builder_with_provider(self.bundle.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -429,6 +436,7 @@ impl PeerTls {
         let verifier = PeerVerifier {
             bundle: self.bundle.clone(),
             expect,
+            mandatory: true,
         };
         let mut config = ClientConfig::builder_with_provider(self.bundle.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -444,18 +452,29 @@ impl PeerTls {
 }
 
 /// The server side of the operator's identity service: it proves `credentials` (the
-/// operator's own identity) and asks no client certificate, since a sidecar that comes to
-/// be certified has none yet; the caller is authenticated by its token instead.
+/// operator's own identity). A sidecar that comes to be certified has no certificate yet
+/// (its token authenticates it), so none is required; with `clients`, one is requested and,
+/// when offered, must chain to that bundle and name a SPIFFE ID of the trust domain: that
+/// is how the routing service on the same port knows its caller
+/// ([`peer_identity`] of the connection, `None` for a caller that sent none).
 pub fn identity_server_config(
     credentials: Arc<Credentials>,
+    clients: Option<Arc<TrustBundle>>,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
-    let mut config = ServerConfig::builder_with_provider(credentials.provider.clone())
+    let builder = ServerConfig::builder_with_provider(credentials.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| IdentityError::BadBundle {
             reason: e.to_string(),
-        })?
-        .with_no_client_auth()
-        .with_cert_resolver(credentials);
+        })?;
+    let builder = match clients {
+        Some(bundle) => builder.with_client_cert_verifier(Arc::new(PeerVerifier {
+            bundle,
+            expect: Expect::TrustDomain(credentials.identity().trust_domain),
+            mandatory: false,
+        })),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(credentials);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -467,7 +486,11 @@ pub fn anonymous_client_config(
     expect: Expect,
 ) -> Result<Arc<ClientConfig>, IdentityError> {
     let provider = bundle.provider.clone();
-    let verifier = PeerVerifier { bundle, expect };
+    let verifier = PeerVerifier {
+        bundle,
+        expect,
+        mandatory: true,
+    };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| IdentityError::BadBundle {

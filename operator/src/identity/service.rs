@@ -14,10 +14,12 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use ferry_api::identity::SpiffeId;
-use ferry_api::identity::tls::{Credentials, identity_server_config, provider};
+use ferry_api::identity::tls::{Credentials, TrustBundle, identity_server_config, provider};
 use ferry_api::proto::v1::identity_server::{Identity, IdentityServer};
 use ferry_api::proto::v1::{CertifyRequest, CertifyResponse};
+use ferry_api::routing::RoutingTable;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -131,10 +133,13 @@ fn own_credentials(certifier: &Certifier, id: &SpiffeId, ttl: Duration) -> Resul
         .map_err(|e| Error::Config(format!("loading the identity service's certificate: {e}")))
 }
 
-/// Loads (or makes) the CA, binds `--identity-addr` and serves until `shutdown`.
+/// Loads (or makes) the CA, binds `--identity-addr` and serves until `shutdown`; with
+/// `routing` (the table this replica follows), `ferry.v1.Routing` on the same listener
+/// (`crate::routing`).
 pub async fn start(
     config: &Config,
     client: kube::Client,
+    routing: Option<watch::Receiver<Arc<RoutingTable>>>,
     shutdown: CancellationToken,
 ) -> Result<Option<Started>> {
     let flags = &config.workload_identity;
@@ -165,8 +170,15 @@ pub async fn start(
     .map_err(|e| Error::Config(e.to_string()))?;
     let ttl = flags.workload_cert_ttl;
     let credentials = Arc::new(own_credentials(&certifier, &server, ttl)?);
-    let tls = identity_server_config(credentials.clone())
-        .map_err(|e| Error::Config(format!("the identity service's TLS: {e}")))?;
+    let clients = Arc::new(
+        TrustBundle::from_pem(&certifier.bundle_pem(), provider())
+            .map_err(|e| Error::Config(format!("the identity service's trust bundle: {e}")))?,
+    );
+    let tls = identity_server_config(
+        credentials.clone(),
+        routing.is_some().then(|| clients.clone()),
+    )
+    .map_err(|e| Error::Config(format!("the identity service's TLS: {e}")))?;
     let listen_error = |source| Error::Listen {
         addr: addr.to_string(),
         source,
@@ -183,17 +195,20 @@ pub async fn start(
         certifier: certifier.clone(),
     })
     .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let router = tonic::service::Routes::new(grpc)
-        .prepare()
-        .into_axum_router()
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(tower::limit::ConcurrencyLimitLayer::new(CONCURRENCY))
-                .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-                    axum::http::StatusCode::REQUEST_TIMEOUT,
-                    CALL_TIMEOUT,
-                )),
-        );
+    let mut routes = tonic::service::Routes::new(grpc);
+    if let Some(table) = routing {
+        routes = routes.add_service(crate::routing::service::server(table));
+    }
+    // The concurrency limit and the timeout hold until a response's headers: a routing
+    // stream (answered at once) is bounded by its own limit, not by these.
+    let router = routes.prepare().into_axum_router().layer(
+        tower::ServiceBuilder::new()
+            .layer(tower::limit::ConcurrencyLimitLayer::new(CONCURRENCY))
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                CALL_TIMEOUT,
+            )),
+    );
     info!(addr = %bound, identity = %server, "serving the identity service");
     tokio::spawn(renew_own(
         certifier.clone(),
@@ -208,12 +223,13 @@ pub async fn start(
         flags.ca_secret.clone(),
         certifier,
         server.clone(),
-        credentials,
+        (credentials, clients),
         ttl,
         shutdown.clone(),
     ));
     let task = tokio::spawn(async move {
-        axum::serve(listener, router)
+        let service = router.into_make_service_with_connect_info::<crate::routing::Peer>();
+        axum::serve(listener, service)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
     });
@@ -259,7 +275,7 @@ async fn follow_ca(
     secret: String,
     certifier: Certifier,
     id: SpiffeId,
-    credentials: Arc<Credentials>,
+    (credentials, clients): (Arc<Credentials>, Arc<TrustBundle>),
     ttl: Duration,
     shutdown: CancellationToken,
 ) {
@@ -283,6 +299,9 @@ async fn follow_ca(
             && material.bundle_pem == certifier.bundle_pem()
         {
             continue;
+        }
+        if let Err(error) = clients.replace(&material.bundle_pem) {
+            warn!(%error, "the new trust bundle does not load; client certificates are checked against the one before");
         }
         certifier.rotate(material.ca, material.bundle_pem);
         let reissued = certifier

@@ -24,6 +24,7 @@ mod membership;
 mod outages;
 mod pod_records;
 mod resources;
+mod routing_service;
 mod support;
 mod webhook;
 mod zombie;
