@@ -152,11 +152,13 @@ pub async fn run(
     let groups = Controller::new(scoped::<ConsumerGroup>(&client, ns), wc.clone());
     let of_pod = groups.store();
     let of_node = groups.store();
-    // Every pod is cached: drop what membership never reads (managed fields, annotations)
-    // before it reaches the cache, to keep the operator's memory small in large clusters.
+    // Every pod is cached: drop what membership never reads (managed fields, annotations
+    // but the injection request, which membership requires) before it reaches the cache,
+    // to keep the operator's memory small in large clusters.
     let pods = watcher(scoped::<Pod>(&client, ns), wc.clone()).modify(|pod| {
         pod.managed_fields_mut().clear();
-        pod.annotations_mut().clear();
+        pod.annotations_mut()
+            .retain(|k, _| k == ferry_api::consts::INJECT_ANNOTATION);
     });
     // The caches are updated before an event comes out of its reflector, so a poked pod
     // records' pass sees the change.

@@ -2,14 +2,18 @@
 //!
 //! A pod is a **member** of a group when it is in the group's namespace, its labels match
 //! the group's selector, it is not being deleted nor finished (`Succeeded`/`Failed`), and
-//! it **carries the sidecar**: a container named [`SIDECAR_CONTAINER`] in
-//! `spec.initContainers` (a native sidecar, as the webhook injects it) or in
-//! `spec.containers` (added by hand).
+//! it **carries the sidecar**: it asks for injection (`ferry.dev/inject: "true"`) and has
+//! a container named [`SIDECAR_CONTAINER`] in `spec.initContainers` (a native sidecar, as
+//! the webhook injects it) or in `spec.containers`.
 //!
-//! The `ferry.dev/inject` annotation alone does not count: it is a *request* for
-//! injection, and a pod that has it but no sidecar (webhook not installed, or the pod
-//! created before it was) would be routed to a port nobody listens on. The container is
-//! what proves the sidecar is there.
+//! The annotation alone does not count: it is a *request* for injection, and a pod that
+//! has it but no sidecar (webhook not installed, or the pod created before it was) would be
+//! routed to a port nobody listens on. Nor does the container alone: a container merely
+//! named like the sidecar in a pod that never asked for it is not Ferry's (the webhook
+//! denies such pods, and one that asks gets its own container compared with the injected
+//! one, [`crate::webhook::spoof`]). Membership only routes to a pod; what a peer may do is
+//! decided by its certificate, which the identity service issues only to a pod whose
+//! sidecar runs the operator's sidecar image.
 //!
 //! A member is **ready**, and only then written to the routing table, when its `Ready`
 //! condition is `True` and it has a `status.podIP`. Not-ready members leave the table
@@ -20,6 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
+use ferry_api::consts::INJECT_ANNOTATION;
 use ferry_api::routing::{MemberEntry, SCHEMA_VERSION, member_key};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -61,16 +66,28 @@ impl Membership {
     }
 }
 
-/// Whether the pod has the sidecar container, as a native sidecar or a plain container.
+/// Whether the pod asks for the sidecar (`ferry.dev/inject: "true"`).
+pub fn asks_for_injection(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INJECT_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
+/// Whether the pod asks for injection and has the sidecar container, as a native sidecar
+/// or a plain container. A container of that name without the annotation is not trusted
+/// (the webhook denies such a pod wherever it sees it).
 pub fn carries_sidecar(pod: &Pod) -> bool {
-    pod.spec.as_ref().is_some_and(|spec| {
-        spec.containers.iter().any(|c| c.name == SIDECAR_CONTAINER)
-            || spec
-                .init_containers
-                .iter()
-                .flatten()
-                .any(|c| c.name == SIDECAR_CONTAINER)
-    })
+    asks_for_injection(pod)
+        && pod.spec.as_ref().is_some_and(|spec| {
+            spec.containers.iter().any(|c| c.name == SIDECAR_CONTAINER)
+                || spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .any(|c| c.name == SIDECAR_CONTAINER)
+        })
 }
 
 /// Whether the pod's `Ready` condition is `True`.
@@ -193,6 +210,7 @@ mod tests {
                         .map(|(k, v)| ((*k).into(), (*v).into()))
                         .collect(),
                 ),
+                annotations: Some([(INJECT_ANNOTATION.into(), "true".into())].into()),
                 ..ObjectMeta::default()
             },
             spec: Some(PodSpec {
@@ -231,6 +249,8 @@ mod tests {
         if let Some(spec) = no_sidecar.spec.as_mut() {
             spec.containers.retain(|c| c.name != SIDECAR_CONTAINER);
         }
+        let mut not_asking = pod("named", &[("app", "billing")], true, true, Some("10.0.0.7"));
+        not_asking.metadata.annotations = None;
         let mut deleting = pod(
             "going",
             &[("app", "billing")],
@@ -249,6 +269,7 @@ mod tests {
             pod("d", &[("app", "billing")], false, true, None),
             pod("e", &[("app", "other")], false, true, Some("10.0.0.5")),
             no_sidecar,
+            not_asking,
             deleting,
         ];
         let zone_of = |node: &str| (node == "node-a").then(|| "zone-a".to_owned());

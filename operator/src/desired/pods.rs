@@ -2,8 +2,8 @@
 //! sidecar learns its own zone and node.
 //!
 //! A pod has a record when it **carries the sidecar** (the same test as for group
-//! membership, [`carries_sidecar`]), is **scheduled** (`spec.nodeName` set: before that it
-//! has no node and so no zone) and is **not finished** (`Succeeded`/`Failed`: its sidecar is
+//! membership, [`carries_sidecar`]: the injection annotation and the container), is
+//! **scheduled** (`spec.nodeName` set: before that it has no node and so no zone) and is **not finished** (`Succeeded`/`Failed`: its sidecar is
 //! gone). Readiness and group selectors do not matter: a pod that only publishes needs its
 //! zone as much as a consumer, and a sidecar needs it before it is ready. A terminating pod
 //! keeps its record until the pod object is gone, because its sidecar still drains and
@@ -88,6 +88,9 @@ mod tests {
                 name: Some(name.into()),
                 namespace: Some("shop".into()),
                 uid: Some(format!("uid-{name}")),
+                annotations: Some(
+                    [(ferry_api::consts::INJECT_ANNOTATION.into(), "true".into())].into(),
+                ),
                 ..ObjectMeta::default()
             },
             spec: Some(PodSpec {

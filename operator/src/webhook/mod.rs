@@ -3,9 +3,12 @@
 //! A pod annotated `ferry.dev/inject: "true"` gets the sidecar as a **native sidecar**: an
 //! init container named `ferry-sidecar` with `restartPolicy: Always`, placed first so
 //! that it is up before the other init containers and the app start, and stopped after
-//! the app. It also gets an `emptyDir` volume for the sidecar's log. A pod that already
-//! has a `ferry-sidecar` container is left alone, so the webhook is idempotent (the API
-//! server may call it twice with `reinvocationPolicy: IfNeeded`).
+//! the app ([`container`] builds it). It also gets an `emptyDir` volume for the sidecar's
+//! log. The name `ferry-sidecar` is reserved ([`spoof`]): a pod that asks for injection and
+//! already has a container of that name is admitted unchanged only when that container is
+//! exactly the one the webhook would inject (the API server re-invoking it with
+//! `reinvocationPolicy: IfNeeded`), and denied otherwise, naming the container; a pod that
+//! does not ask for injection but has such a container is denied too.
 //!
 //! Every replica serves it, leader or not: admission must not wait for an election.
 //! It serves TLS only ([`tls`]), on `--webhook-addr`, with the certificate in
@@ -14,8 +17,10 @@
 //! exclude system namespaces, and fail closed (`failurePolicy: Fail`) only for
 //! namespaces that opted in.
 
+pub mod container;
 pub mod defaults;
 pub mod overrides;
+pub mod spoof;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -24,17 +29,13 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use ferry_api::consts::{
-    IDENTITY_AUDIENCE, IDENTITY_TOKEN_DIR, IDENTITY_TOKEN_FILE, IDENTITY_TOKEN_PATH,
-    INJECT_ANNOTATION,
-};
-use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
+use k8s_openapi::api::core::v1::{Container, Pod, ResourceRequirements};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::desired::members::{SIDECAR_CONTAINER, carries_sidecar};
+use crate::desired::members::{SIDECAR_CONTAINER, asks_for_injection};
 use crate::identity::service::Published;
 
 /// Path the webhook answers on.
@@ -67,124 +68,51 @@ pub struct Injection {
     pub env: BTreeMap<String, String>,
     /// The identity service the sidecar asks for its certificate, when the operator runs
     /// one: the sidecar gets its URL, the identity it must prove, the trust bundle, and a
-    /// projected service-account token for [`IDENTITY_AUDIENCE`] bound to the pod.
+    /// projected service-account token for
+    /// [`ferry_api::consts::IDENTITY_AUDIENCE`] bound to the pod.
     pub identity: Option<Published>,
 }
 
 /// Name of the projected token volume.
 pub const IDENTITY_VOLUME: &str = "ferry-identity-token";
-/// Lifetime the kubelet gives the projected token (it refreshes it at 80 %).
-const IDENTITY_TOKEN_SECONDS: i64 = 3600;
 
-/// The env entries, volume and mount that give the sidecar its identity.
-fn identity_parts(published: &Published) -> (Vec<Value>, Value, Value) {
-    let env = |name: &str, value: &str| json!({"name": name, "value": value});
-    let env = vec![
-        env("FERRY_IDENTITY_URL", &published.url),
-        env("FERRY_IDENTITY_SERVER", &published.server.to_string()),
-        env(
-            "FERRY_IDENTITY_TRUST_ANCHORS",
-            &published.trust_bundle_pem(),
-        ),
-        env("FERRY_IDENTITY_TOKEN_FILE", IDENTITY_TOKEN_PATH),
-    ];
-    let volume = json!({"name": IDENTITY_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
-        "audience": IDENTITY_AUDIENCE,
-        "expirationSeconds": IDENTITY_TOKEN_SECONDS,
-        "path": IDENTITY_TOKEN_FILE,
-    }}]}});
-    let mount = json!({"name": IDENTITY_VOLUME, "mountPath": IDENTITY_TOKEN_DIR, "readOnly": true});
-    (env, volume, mount)
+/// Whether the pod has a container named like the sidecar, plain or init.
+fn has_sidecar_name(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|spec| {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| c.name == SIDECAR_CONTAINER)
+    })
 }
 
 /// The JSON patch that injects the sidecar; `Ok(None)` when the pod did not ask for it or
-/// already has it, `Err` (a message naming the annotation) when an override is malformed.
+/// already has exactly the sidecar the webhook injects (a re-invocation), `Err` (the denial
+/// message) when an override is malformed or the pod brings its own `ferry-sidecar`
+/// container ([`spoof`]).
 pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String> {
-    let asked = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(INJECT_ANNOTATION))
-        .is_some_and(|v| v == "true");
-    if !asked || carries_sidecar(pod) {
-        return Ok(None);
+    let asked = asks_for_injection(pod);
+    if !asked {
+        return if has_sidecar_name(pod) {
+            Err(spoof::not_asked())
+        } else {
+            Ok(None)
+        };
     }
     let Some(spec) = pod.spec.as_ref() else {
         return Ok(None);
     };
     let overrides = overrides::overrides(pod)?;
-    let field = |path: &str| json!({"valueFrom": {"fieldRef": {"fieldPath": path}}});
-    let env = |name: &str, mut value: Value| {
-        if let Some(obj) = value.as_object_mut() {
-            obj.insert("name".into(), json!(name));
-        }
-        value
-    };
-    let port = injection.peer_port;
-    let mut settings = injection.env.clone();
-    settings.insert("FERRY_PEER_ADDR".into(), format!("0.0.0.0:{port}"));
-    if let Some(log) = &overrides.log {
-        settings.insert("FERRY_LOG".into(), log.clone());
+    let container = container::sidecar(injection, &overrides);
+    if has_sidecar_name(pod) {
+        let expected: Container = serde_json::from_value(container)
+            .map_err(|e| format!("building the sidecar container: {e}"))?;
+        spoof::check(pod, &expected)?;
+        return Ok(None);
     }
-    // No zone or node: the sidecar learns both from its pod record, which the operator
-    // writes once the pod is scheduled (the zone is a label of the node, which the downward
-    // API cannot read). The name and namespace say which record is its own.
-    let mut env_list = vec![
-        env("FERRY_POD_NAME", field("metadata.name")),
-        env("FERRY_NAMESPACE", field("metadata.namespace")),
-        env("FERRY_SERVICE_ACCOUNT", field("spec.serviceAccountName")),
-        env("FERRY_POD_IP", field("status.podIP")),
-        env(
-            "FERRY_ADVERTISE_ADDR",
-            json!({"value": format!("$(FERRY_POD_IP):{port}")}),
-        ),
-        env("FERRY_DATA_DIR", json!({"value": DATA_DIR})),
-        env(
-            "FERRY_ETCD_ENDPOINTS",
-            json!({"value": injection.etcd_endpoints.join(",")}),
-        ),
-    ];
-    env_list.extend(settings.iter().map(|(k, v)| env(k, json!({ "value": v }))));
-    let identity = injection.identity.as_ref().map(identity_parts);
-    let mut mounts = vec![json!({"name": data_volume_name(&overrides), "mountPath": DATA_DIR})];
     let mut new_volumes = Vec::new();
-    if let Some((identity_env, volume, mount)) = identity {
-        env_list.extend(identity_env);
-        mounts.push(mount);
-        new_volumes.push(volume);
-    }
-    let mut resources = injection.resources.clone().unwrap_or_default();
-    if !overrides.requests.is_empty() {
-        resources
-            .requests
-            .get_or_insert_with(Default::default)
-            .extend(overrides.requests.clone());
-    }
-    if !overrides.limits.is_empty() {
-        resources
-            .limits
-            .get_or_insert_with(Default::default)
-            .extend(overrides.limits.clone());
-    }
-    let mut container = json!({
-        "name": SIDECAR_CONTAINER,
-        "image": injection.image,
-        "restartPolicy": "Always",
-        "ports": [
-            {"name": PEER_PORT_NAME, "containerPort": port, "protocol": "TCP"},
-            {"name": ADMIN_PORT_NAME, "containerPort": injection.admin_port, "protocol": "TCP"},
-        ],
-        "env": env_list,
-        "volumeMounts": mounts,
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": ADMIN_PORT_NAME}, "periodSeconds": 2},
-    });
-    if let Some(obj) = container.as_object_mut() {
-        if let Some(policy) = &injection.image_pull_policy {
-            obj.insert("imagePullPolicy".into(), json!(policy));
-        }
-        if resources != ResourceRequirements::default() {
-            obj.insert("resources".into(), json!(resources));
-        }
+    if injection.identity.is_some() {
+        new_volumes.push(container::identity_volume());
     }
     let mut ops = Vec::new();
     match &spec.init_containers {
@@ -224,13 +152,6 @@ pub fn inject(pod: &Pod, injection: &Injection) -> Result<Option<Value>, String>
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": new_volumes}));
     }
     Ok(Some(Value::Array(ops)))
-}
-
-fn data_volume_name(overrides: &overrides::Overrides) -> String {
-    overrides
-        .data_volume
-        .clone()
-        .unwrap_or_else(|| DATA_VOLUME.to_owned())
 }
 
 /// The webhook's routes.
@@ -298,8 +219,10 @@ async fn mutate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::members::carries_sidecar;
+    use ferry_api::consts::{IDENTITY_AUDIENCE, IDENTITY_TOKEN_DIR, IDENTITY_TOKEN_PATH};
 
-    fn injection() -> Injection {
+    pub(super) fn injection() -> Injection {
         Injection {
             image: "ferry-sidecar:test".into(),
             image_pull_policy: None,
@@ -312,12 +235,15 @@ mod tests {
         }
     }
 
-    fn pod(manifest: Value) -> Result<Pod, serde_json::Error> {
+    pub(super) fn pod(manifest: Value) -> Result<Pod, serde_json::Error> {
         serde_json::from_value(manifest)
     }
 
     /// `pod` with the webhook's patch applied.
-    fn injected(pod: &Pod, injection: &Injection) -> Result<Pod, Box<dyn std::error::Error>> {
+    pub(super) fn injected(
+        pod: &Pod,
+        injection: &Injection,
+    ) -> Result<Pod, Box<dyn std::error::Error>> {
         let patch = inject(pod, injection)?.ok_or("no patch")?;
         let mut doc = serde_json::to_value(pod)?;
         json_patch::patch(

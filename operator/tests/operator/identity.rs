@@ -46,11 +46,9 @@ pub async fn token(world: &World, sa: &str, audience: &str, pod: Option<&Pod>) -
 }
 
 pub async fn create_pod(world: &World, name: &str, sa: &str, injected: bool) -> Result<Pod> {
-    let mut spec = pod(name, "orders", "node-a", "native");
+    let sidecar = if injected { "native" } else { "named" };
+    let mut spec = pod(name, "orders", "node-a", sidecar);
     spec["spec"]["serviceAccountName"] = json!(sa);
-    if injected {
-        spec["metadata"]["annotations"] = json!({"ferry.dev/inject": "true"});
-    }
     Ok(world
         .api::<Pod>()
         .create(&PostParams::default(), &serde_json::from_value(spec)?)

@@ -33,6 +33,7 @@ async fn members_follow_pods_readiness_and_zones() -> Result<()> {
         ("p1", "native", "10.1.0.1"),
         ("p2", "plain", "10.1.0.2"),
         ("p3", "none", "10.1.0.3"),
+        ("p4", "named", "10.1.0.4"),
     ] {
         let manifest: Pod = serde_json::from_value(pod(name, "worker", &node_name, sidecar))?;
         pods.create(&PostParams::default(), &manifest).await?;

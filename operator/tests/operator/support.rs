@@ -382,12 +382,15 @@ where
     .with_context(|| format!("{} {name} is deleted", K::kind(&())))
 }
 
+/// A pod manifest; `sidecar` is `native` (the sidecar as an init container), `plain` (as a
+/// plain container), `named` (a native one but no injection annotation: a container merely
+/// named like the sidecar, which is not trusted) or anything else for none.
 pub fn pod(name: &str, app: &str, node: &str, sidecar: &str) -> serde_json::Value {
     let sidecar_container =
         json!({"name": "ferry-sidecar", "image": "ferry/sidecar", "restartPolicy": "Always"});
     let app_container = json!({"name": "app", "image": "app"});
     let spec = match sidecar {
-        "native" => {
+        "native" | "named" => {
             json!({"nodeName": node, "initContainers": [sidecar_container], "containers": [app_container]})
         }
         "plain" => {
@@ -395,7 +398,11 @@ pub fn pod(name: &str, app: &str, node: &str, sidecar: &str) -> serde_json::Valu
         }
         _ => json!({"nodeName": node, "containers": [app_container]}),
     };
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": app}}, "spec": spec})
+    let mut metadata = json!({"name": name, "labels": {"app": app}});
+    if matches!(sidecar, "native" | "plain") {
+        metadata["annotations"] = json!({"ferry.dev/inject": "true"});
+    }
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
 }
 
 /// Sets a pod's status as a kubelet would.
