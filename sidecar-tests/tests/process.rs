@@ -20,6 +20,7 @@ mod process {
     pub mod durable_only;
     pub mod exactly_once_restart;
     pub mod exactly_once_takeover;
+    pub mod fake_peer;
     pub mod grpcurl;
     pub mod handoff;
     pub mod handoff_groups;
@@ -31,6 +32,7 @@ mod process {
     pub mod nack_delay;
     pub mod ordering;
     pub mod peer_authz;
+    pub mod peer_forged_acks;
     pub mod peer_holding;
     pub mod peer_mtls;
     pub mod peer_replica_limit;
