@@ -18,6 +18,7 @@ impl Dispatcher {
         match e {
             Event::Settled { from, settled } => {
                 let Some(k) = self.find_in_flight(settled.offset, &from, settled.attempt) else {
+                    self.count_misdirected(&from, &settled);
                     // `AtMostOnce` copies are settled when sent, so the answer finds none in
                     // flight; anything but an ack is then a delivery that failed, dropped.
                     if self.setup.subscription.qos == Qos::AtMostOnce {
@@ -193,6 +194,27 @@ impl Dispatcher {
             "settlement of another message or incarnation ignored"
         );
         false
+    }
+
+    /// A settlement from `from` of a delivery in flight to another member: whoever sent it
+    /// may not settle it. It is ignored (as every settlement of nothing in flight there) and
+    /// counted in `ferry_sidecar_peer_denied_total{rpc="Settled"}`. A late answer of an
+    /// earlier attempt names another attempt and is not counted; nor is anything of a
+    /// `Broadcast` group, whose members all get the same attempt of a message (its copies
+    /// are pinned), so that a member's repeated answer is not taken for a forgery.
+    fn count_misdirected(&self, from: &str, settled: &Settled) {
+        let elsewhere = self.entries.get(&settled.offset).is_some_and(|e| {
+            e.copies.iter().any(|c| {
+                c.attempt == settled.attempt
+                    && c.pinned.is_none()
+                    && matches!(&c.state, CopyState::InFlight { addr, .. } if &**addr != from)
+            })
+        });
+        if elsewhere {
+            self.engine.metrics.denied("Settled");
+            tracing::debug!(subscription = %self.sub, offset = settled.offset, %from,
+                "settlement of a delivery that went to another member ignored");
+        }
     }
 
     pub(super) fn find_in_flight(&self, offset: Offset, from: &str, attempt: u32) -> Option<usize> {
