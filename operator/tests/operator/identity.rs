@@ -1,8 +1,9 @@
 //! Workload certificates through the real API server: a sidecar presenting its pod's
 //! projected service-account token (audience `ferry.dev/identity`, bound to the pod) is
 //! issued a certificate for the pod's namespace and service account, whatever its CSR asks;
-//! a garbage token, one for another audience, one bound to no pod, and a pod that was not
-//! injected (a container merely named like the sidecar) get nothing. The CA itself lives
+//! a garbage token, one for another audience, one bound to no pod, a pod that was not
+//! injected (a container merely named like the sidecar), and a pod that asks for injection
+//! but brings its own `ferry-sidecar` (another image, or a plain container) get nothing. The CA itself lives
 //! in a Secret, made once however many replicas start at once.
 
 use std::time::{Duration, SystemTime};
@@ -65,6 +66,21 @@ async fn a_pods_token_buys_its_identity_and_nothing_else() -> Result<()> {
         .await?;
     let injected = create_pod(&world, "orders-0", "orders", true).await?;
     let spoofing = create_pod(&world, "spoofer-0", "orders", false).await?;
+    // Asks for injection and brings its own `ferry-sidecar` (created directly, as a namespace
+    // the webhook does not select allows): another image, or not a native sidecar.
+    let mut own = pod("own-0", "orders", "node-a", "native");
+    own["spec"]["serviceAccountName"] = json!("orders");
+    own["spec"]["initContainers"][0]["image"] = json!("evil:latest");
+    let own: Pod = world
+        .api::<Pod>()
+        .create(&PostParams::default(), &serde_json::from_value(own)?)
+        .await?;
+    let mut plain = pod("plain-0", "orders", "node-a", "plain");
+    plain["spec"]["serviceAccountName"] = json!("orders");
+    let plain: Pod = world
+        .api::<Pod>()
+        .create(&PostParams::default(), &serde_json::from_value(plain)?)
+        .await?;
     let ca = Ca::generate(
         "cluster.local",
         SystemTime::now(),
@@ -108,6 +124,14 @@ async fn a_pods_token_buys_its_identity_and_nothing_else() -> Result<()> {
         (
             "a pod that was not injected",
             token(&world, "orders", IDENTITY_AUDIENCE, Some(&spoofing)).await?,
+        ),
+        (
+            "a pod with its own ferry-sidecar of another image",
+            token(&world, "orders", IDENTITY_AUDIENCE, Some(&own)).await?,
+        ),
+        (
+            "a pod whose ferry-sidecar is a plain container",
+            token(&world, "orders", IDENTITY_AUDIENCE, Some(&plain)).await?,
         ),
     ];
     for (what, token) in refusals {
