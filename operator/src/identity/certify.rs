@@ -6,8 +6,13 @@
 //! asks the API server to review the token (TokenReview): only an authenticated token of a
 //! service account, for that audience, bound to a pod, is accepted. The pod must exist with
 //! the uid the token names, run as that service account, not be terminating, and carry the
-//! injection annotation and the sidecar container: a pod that was not injected gets no
-//! identity, whatever its containers are called. The certificate then names the pod's
+//! injection annotation and the sidecar as the webhook injects it: an init container named
+//! `ferry-sidecar` with `restartPolicy: Always` running the operator's sidecar image
+//! (`--sidecar-image`). A pod that was not injected gets no identity, whatever its
+//! containers are called, and neither does one that brings its own `ferry-sidecar` of
+//! another image (where the webhook does not see it, or does not deny it): its other
+//! containers cannot reach the token the sidecar presents, but a container of its own
+//! choosing under that name could. The certificate then names the pod's
 //! namespace and service account, whatever the request asked for: only the CSR's public key
 //! is used.
 
@@ -18,7 +23,7 @@ use ferry_api::consts::{IDENTITY_AUDIENCE, INJECT_ANNOTATION, SIDECAR_CONTAINER}
 use ferry_api::identity::ca::Ca;
 use ferry_api::identity::{IdentityError, SpiffeId};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::api::{Api, PostParams};
 
 /// `extra` keys of a reviewed token bound to a pod.
@@ -69,6 +74,9 @@ pub struct Certifier {
     bundle: Arc<RwLock<String>>,
     trust_domain: String,
     ttl: Duration,
+    /// The sidecar image the webhook injects (`--sidecar-image`): only a pod whose
+    /// `ferry-sidecar` runs it is Ferry's.
+    sidecar_image: String,
 }
 
 impl std::fmt::Debug for Certifier {
@@ -76,14 +84,22 @@ impl std::fmt::Debug for Certifier {
         f.debug_struct("Certifier")
             .field("trust_domain", &self.trust_domain)
             .field("ttl", &self.ttl)
+            .field("sidecar_image", &self.sidecar_image)
             .finish_non_exhaustive()
     }
 }
 
 impl Certifier {
-    /// A certifier signing with `ca` for `trust_domain`, certificates valid for `ttl`; the
-    /// trust bundle it hands out is the CA alone until [`Certifier::rotate`].
-    pub fn new(client: kube::Client, ca: Ca, trust_domain: &str, ttl: Duration) -> Self {
+    /// A certifier signing with `ca` for `trust_domain`, certificates valid for `ttl`, for
+    /// pods whose `ferry-sidecar` runs `sidecar_image` (the operator's `--sidecar-image`);
+    /// the trust bundle it hands out is the CA alone until [`Certifier::rotate`].
+    pub fn new(
+        client: kube::Client,
+        ca: Ca,
+        trust_domain: &str,
+        ttl: Duration,
+        sidecar_image: &str,
+    ) -> Self {
         let bundle = ca.cert_pem().to_owned();
         Self {
             client,
@@ -91,6 +107,7 @@ impl Certifier {
             bundle: Arc::new(RwLock::new(bundle)),
             trust_domain: trust_domain.to_owned(),
             ttl,
+            sidecar_image: sidecar_image.to_owned(),
         }
     }
 
@@ -237,14 +254,34 @@ impl Certifier {
             .as_ref()
             .and_then(|a| a.get(INJECT_ANNOTATION))
             .is_some_and(|v| v == "true");
-        let has_sidecar = spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten())
-            .any(|c| c.name == SIDECAR_CONTAINER);
-        if !injected || !has_sidecar {
+        let named = |c: &&Container| c.name == SIDECAR_CONTAINER;
+        let native = spec.init_containers.iter().flatten().find(named);
+        let plain = spec.containers.iter().find(named);
+        if !injected || (native.is_none() && plain.is_none()) {
             return Err(refuse(format!(
                 "is not a Ferry pod (it needs the {INJECT_ANNOTATION:?} annotation and the injected {SIDECAR_CONTAINER:?} container)"
+            )));
+        }
+        if plain.is_some() {
+            return Err(refuse(format!(
+                "its {SIDECAR_CONTAINER:?} is a plain container, not the injected native sidecar (an init container with restartPolicy Always)"
+            )));
+        }
+        let Some(sidecar) = native else {
+            return Err(refuse(format!(
+                "has no {SIDECAR_CONTAINER:?} init container"
+            )));
+        };
+        if sidecar.restart_policy.as_deref() != Some("Always") {
+            return Err(refuse(format!(
+                "its {SIDECAR_CONTAINER:?} init container has no restartPolicy Always: it is not the injected native sidecar"
+            )));
+        }
+        let image = sidecar.image.as_deref().unwrap_or_default();
+        if image != self.sidecar_image {
+            return Err(refuse(format!(
+                "its {SIDECAR_CONTAINER:?} runs image {image:?}, not the sidecar image {:?}",
+                self.sidecar_image
             )));
         }
         Ok(())

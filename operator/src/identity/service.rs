@@ -155,11 +155,14 @@ pub async fn start(
     )
     .await
     .map_err(|e| Error::Config(format!("the identity CA: {e}")))?;
+    // The image the webhook injects: the flag, or the `--sidecar-config` file's over it.
+    let sidecar_image = crate::webhook::defaults::injection(config)?.image;
     let certifier = Certifier::new(
         client.clone(),
         ca.ca,
         &flags.trust_domain,
         flags.workload_cert_ttl,
+        &sidecar_image,
     )
     .with_bundle(ca.bundle_pem);
     let server = SpiffeId::new(

@@ -91,6 +91,7 @@ async fn a_pods_token_buys_its_identity_and_nothing_else() -> Result<()> {
         ca,
         "cluster.local",
         Duration::from_secs(3600),
+        "ferry/sidecar",
     );
     let (csr, _key) = new_csr()?;
 

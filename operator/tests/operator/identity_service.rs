@@ -89,6 +89,8 @@ async fn sidecars_get_their_pods_identity_from_the_operator() -> Result<()> {
     config.workload_identity.identity_addr = Some(listen);
     config.workload_identity.identity_url = Some(format!("https://{listen}"));
     config.workload_identity.trust_domain = "cluster.local".into();
+    // The image of `support::pod`'s sidecar: the identity service checks it.
+    config.sidecar_image = "ferry/sidecar".into();
     let operator = Operator::start(config).await?;
     let addr = operator
         .running
