@@ -81,6 +81,18 @@ pub struct Config {
         conflicts_with = "routing_file"
     )]
     pub etcd_endpoints: Vec<String>,
+    /// Cluster mode without etcd access: the operator's routing service
+    /// (`https://host:port`, the identity service's URL), which streams this pod's scoped
+    /// view of the routing table over mutual TLS (needs `--identity-url` or `--tls-dir`,
+    /// and `--identity-server`). Exclusive with `--routing-file` and `--etcd-endpoints`; the
+    /// webhook sets it when the operator serves identities.
+    #[arg(
+        long,
+        env = "FERRY_ROUTING_URL",
+        conflicts_with_all = ["routing_file", "etcd_endpoints"],
+        requires = "identity_server"
+    )]
+    pub routing_url: Option<String>,
     /// Time to drain the backlog after SIGTERM before exiting anyway (e.g. `25s`, `500ms`).
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -181,6 +193,7 @@ impl Config {
             admin_addr: any,
             routing_file: None,
             etcd_endpoints: Vec::new(),
+            routing_url: None,
             shutdown_grace: Duration::from_secs(5),
             service_account: "default".into(),
             async_sync_interval: Duration::from_millis(50),
@@ -201,6 +214,12 @@ impl Config {
     }
 
     /// Checks what clap cannot: names, loopback-only app API, a usable data dir.
+    /// Whether the routing table comes from a cluster (etcd or the operator), where pod
+    /// records say where this pod runs.
+    pub fn cluster_routing(&self) -> bool {
+        !self.etcd_endpoints.is_empty() || self.routing_url.is_some()
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |flag: &str, why: String| Err(Error::Config(format!("--{flag}: {why}")));
         if self.dedup_max_ids == 0 {
@@ -251,6 +270,15 @@ impl Config {
             return bad(
                 "etcd-endpoints",
                 "cannot be used with --routing-file: pick one routing source".into(),
+            );
+        }
+        if self.routing_url.is_some()
+            && (self.routing_file.is_some() || !self.etcd_endpoints.is_empty())
+        {
+            return bad(
+                "routing-url",
+                "cannot be used with --routing-file or --etcd-endpoints: pick one routing source"
+                    .into(),
             );
         }
         if self.etcd_endpoints.iter().any(|e| e.trim().is_empty()) {

@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use ferry_sidecar::Config;
 use ferry_sidecar::routing::etcd::{EtcdOptions, EtcdSource};
+use ferry_sidecar::routing::operator::OperatorSource;
 use ferry_sidecar::routing::{FileSource, RoutingSource, StaticSource};
 use ferry_sidecar::runtime::Sidecar;
 
@@ -42,8 +43,11 @@ async fn main() -> anyhow::Result<()> {
             .context("simulating a power loss")?;
     }
     let mut status = None;
+    let routing_url = config.routing_url.clone();
     let source: Box<dyn RoutingSource> = match &config.routing_file {
         Some(path) => Box::new(FileSource::new(path.clone())),
+        // Needs the workload certificate: made once the sidecar is bound, below.
+        None if routing_url.is_some() => Box::new(StaticSource::new(Default::default())),
         None if !config.etcd_endpoints.is_empty() => {
             let options = EtcdOptions::new(config.etcd_endpoints.clone())
                 .for_pod(&config.namespace, &config.pod_name);
@@ -58,9 +62,26 @@ async fn main() -> anyhow::Result<()> {
             Box::new(StaticSource::new(Default::default()))
         }
     };
+    let identity_server = config.identity_server.clone().unwrap_or_default();
+    let pod = config.pod_name.clone();
     let mut sidecar = Sidecar::bind(config)
         .await
         .context("starting the sidecar")?;
+    let source = match routing_url {
+        Some(url) => {
+            let tls = sidecar.peer_tls().context(
+                "--routing-url needs this pod's workload certificate (--identity-url or --tls-dir)",
+            )?;
+            let server = identity_server
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--identity-server: {e}"))?;
+            let operator =
+                OperatorSource::new(&url, server, tls, &pod).context("starting the sidecar")?;
+            status = Some(operator.status());
+            Box::new(operator) as Box<dyn RoutingSource>
+        }
+        None => source,
+    };
     if let Some(status) = status {
         sidecar = sidecar.with_routing_status(status);
     }

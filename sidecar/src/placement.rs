@@ -56,7 +56,7 @@ pub enum Origin {
 impl Origin {
     /// The origin for `config`: the pod record in a cluster or when no zone is given.
     pub fn of(config: &Config) -> Self {
-        if config.etcd_endpoints.is_empty() && !config.zone.is_empty() {
+        if !config.cluster_routing() && !config.zone.is_empty() {
             Self::Setting
         } else {
             Self::PodRecord
@@ -126,7 +126,7 @@ impl Placements {
             missing_logged: AtomicBool::new(false),
             started: Instant::now(),
             // Only an operator writes pod records: a routing file without one is not waited for.
-            wait: if config.etcd_endpoints.is_empty() {
+            wait: if !config.cluster_routing() {
                 Duration::ZERO
             } else {
                 config.pod_record_wait

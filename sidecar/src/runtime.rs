@@ -254,6 +254,12 @@ impl Sidecar {
         self
     }
 
+    /// Its workload credentials (renewed in place), when it has any: what the operator's
+    /// routing service authenticates it by.
+    pub fn peer_tls(&self) -> Option<PeerTls> {
+        self.tls.as_ref().map(|(tls, _)| tls.clone())
+    }
+
     /// Where it listens.
     pub fn addrs(&self) -> Addrs {
         self.addrs

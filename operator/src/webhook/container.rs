@@ -77,11 +77,17 @@ pub fn sidecar(injection: &Injection, overrides: &Overrides) -> Value {
             json!({"value": format!("$(FERRY_POD_IP):{port}")}),
         ),
         env("FERRY_DATA_DIR", json!({"value": DATA_DIR})),
-        env(
+    ];
+    // With the identity service, the routing table comes from the operator's routing
+    // service on the same port (the pod's scoped view, over mutual TLS): the sidecar never
+    // talks to etcd. Without it, the sidecar follows etcd itself.
+    match &injection.identity {
+        Some(published) => env_list.push(env("FERRY_ROUTING_URL", json!({"value": published.url}))),
+        None => env_list.push(env(
             "FERRY_ETCD_ENDPOINTS",
             json!({"value": injection.etcd_endpoints.join(",")}),
-        ),
-    ];
+        )),
+    }
     env_list.extend(settings.iter().map(|(k, v)| env(k, json!({ "value": v }))));
     let mut mounts = vec![json!({"name": data_volume_name(overrides), "mountPath": DATA_DIR})];
     if let Some((identity_env, mount)) = injection.identity.as_ref().map(identity_parts) {

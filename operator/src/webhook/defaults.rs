@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 
 /// Variables the webhook sets itself from the pod (downward API) or from the ports; the
 /// file may not override them.
-const RESERVED_ENV: [&str; 11] = [
+const RESERVED_ENV: [&str; 12] = [
     "FERRY_POD_NAME",
     "FERRY_NAMESPACE",
     "FERRY_SERVICE_ACCOUNT",
@@ -28,6 +28,7 @@ const RESERVED_ENV: [&str; 11] = [
     "FERRY_ADVERTISE_ADDR",
     "FERRY_DATA_DIR",
     "FERRY_ETCD_ENDPOINTS",
+    "FERRY_ROUTING_URL",
     "FERRY_IDENTITY_URL",
     "FERRY_IDENTITY_SERVER",
     "FERRY_IDENTITY_TRUST_ANCHORS",

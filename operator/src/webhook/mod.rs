@@ -376,6 +376,12 @@ mod tests {
             value("FERRY_IDENTITY_TRUST_ANCHORS").as_deref(),
             Some("PEM")
         );
+        // The routing table comes from the operator, not from etcd.
+        assert_eq!(
+            value("FERRY_ROUTING_URL").as_deref(),
+            Some("https://ferry-identity.ferry-system.svc:8444")
+        );
+        assert_eq!(value("FERRY_ETCD_ENDPOINTS"), None);
         assert_eq!(
             value("FERRY_IDENTITY_TOKEN_FILE").as_deref(),
             Some(IDENTITY_TOKEN_PATH)

@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use status::Backoff;
+pub(crate) use status::Backoff;
 pub use status::SourceStatus;
 
 use super::source::{RoutingSource, apply_if_newer};

@@ -3,6 +3,7 @@
 
 pub mod etcd;
 pub mod fixtures;
+pub mod operator;
 pub mod source;
 
 pub use source::{FileSource, RoutingSource, StaticSource};

@@ -82,31 +82,31 @@ impl SourceStatus {
         }
     }
 
-    pub(super) fn set_connected(&self) {
+    pub(crate) fn set_connected(&self) {
         self.connected.store(true, Ordering::SeqCst);
         *self.lock() = None;
     }
 
     /// Records a failure; the outage's start time is kept across retries.
-    pub(super) fn set_disconnected(&self, error: &str) {
+    pub(crate) fn set_disconnected(&self, error: &str) {
         self.connected.store(false, Ordering::SeqCst);
         let mut outage = self.lock();
         let since = outage.as_ref().map_or_else(Instant::now, |(t, _)| *t);
         *outage = Some((since, error.to_owned()));
     }
 
-    pub(super) fn listed(&self) {
+    pub(crate) fn listed(&self) {
         if self.lists.fetch_add(1, Ordering::SeqCst) > 0 {
             self.relists.fetch_add(1, Ordering::SeqCst);
         }
         self.loaded.store(true, Ordering::SeqCst);
     }
 
-    pub(super) fn set_revision(&self, revision: i64) {
+    pub(crate) fn set_revision(&self, revision: i64) {
         self.revision.store(revision, Ordering::SeqCst);
     }
 
-    pub(super) fn bad_value(&self) {
+    pub(crate) fn bad_value(&self) {
         self.bad_values.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -120,14 +120,14 @@ impl SourceStatus {
 /// `[base/2, base]` and `base` doubles, so that sidecars that lost etcd together do not
 /// come back in lockstep, and a dead etcd costs at most one attempt per `max / 2`.
 #[derive(Debug, Clone)]
-pub(super) struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     base: Duration,
 }
 
 impl Backoff {
-    pub(super) fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         let min = min.max(Duration::from_millis(1));
         Self {
             min,
@@ -137,7 +137,7 @@ impl Backoff {
     }
 
     /// The next delay; grows until [`Backoff::reset`].
-    pub(super) fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.base;
         self.base = (base * 2).min(self.max);
         let high = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
@@ -146,7 +146,7 @@ impl Backoff {
     }
 
     /// Back to `min`, after a success.
-    pub(super) fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.base = self.min;
     }
 }
