@@ -15,6 +15,8 @@ use anyhow::{Context, Result, ensure};
 use ferry_kind_tests::{CRDS_DIR, ControlPlane, tools};
 use tokio::process::Command;
 
+#[path = "helm_chart/network.rs"]
+mod network;
 #[path = "helm_chart/rendered.rs"]
 mod rendered;
 
@@ -222,6 +224,8 @@ async fn rendered_chart_is_accepted_by_the_api_server() -> Result<()> {
         let rendered = objects(&yaml)?;
         check_rendered(&rendered, operators, etcd_members)
             .with_context(|| format!("the {name} rendering"))?;
+        network::check_etcd_policy(&rendered, 2379)
+            .with_context(|| format!("the {name} rendering's etcd NetworkPolicy"))?;
         let report = dry_run(cp, name, &yaml).await?;
         println!("{name} ({sets:?}):\n{report}");
         // Every rendered object was seen by the server, none skipped.
@@ -278,6 +282,7 @@ async fn optional_parts_render_when_enabled() -> Result<()> {
             .await?,
     )?;
     ensure!(!rendered.iter().any(|o| kind_of(o) == "StatefulSet"));
+    network::check_no_policy(&rendered)?;
     let deployment = one(&rendered, "Deployment")?;
     let endpoints = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_array()
@@ -291,6 +296,10 @@ async fn optional_parts_render_when_enabled() -> Result<()> {
         endpoints == "http://a.example:2379,http://b.example:2379",
         "{endpoints}"
     );
+
+    // Without the identity service sidecars dial etcd themselves: no policy shuts them out.
+    let rendered = objects(&helm.template(&["identity.enabled=false"]).await?)?;
+    network::check_no_policy(&rendered)?;
     Ok(())
 }
 
